@@ -1,0 +1,59 @@
+# witforge — every target creates or reuses .venv by itself.
+#   make demo                 the whole demo build end to end (local demo web of real images)
+#   make test                 the test suite (what CI runs)
+#   make <stage> BUILD=manifests/<name>.yaml   one stage of a build
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+WF     := $(VENV)/bin/witforge
+BUILD  ?= manifests/demo.yaml
+STAMP  := $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+export WANDB_MODE := disabled
+export HF_HUB_OFFLINE := 1
+
+STAGES := ingest text_filter url_dedup precrawl_balance robots crawl image_filter image_dedup \
+          decontaminate balance shard
+
+.PHONY: help venv demo demo-data test test-slow bench lint audit run train evaluate clean $(STAGES)
+
+help:
+	@sed -n '1,5p' Makefile | sed 's/^# \{0,1\}//'
+	@echo "stage targets: $(STAGES) run train evaluate audit; bench lint clean"
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
+	@touch $@
+
+venv: $(STAMP)
+
+demo-data: $(STAMP)
+	$(WF) demo-data
+
+demo: $(STAMP)
+	$(WF) demo --build $(BUILD)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --durations=15
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+$(STAGES): $(STAMP)
+	$(WF) $@ --build $(BUILD) $(ARGS)
+
+run audit train evaluate: $(STAMP)
+	$(WF) $@ --build $(BUILD) $(ARGS)
+
+clean:
+	rm -rf runs bench/results/*.tmp .pytest_cache

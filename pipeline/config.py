@@ -1,0 +1,307 @@
+"""The one typed build config, parsed strictly from a build YAML.
+
+Every section is a dataclass; unknown keys and wrong types fail with a
+``ConfigError`` that names the file and the dotted key, so a typo such as
+``crawl.timout`` never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A build file is missing, malformed, or names an unknown or mistyped key."""
+
+
+@dataclass
+class Source:
+    path: str  # a file or a glob, relative to the build file's folder
+    format: str = "auto"  # auto | csv | tsv | json | jsonl | parquet (.gz allowed)
+    url_col: str = "url"
+    caption_col: str = "caption"
+    tag: str = ""  # a short source name recorded on every row; defaults to the file stem
+    header: bool = True  # csv/tsv only; without a header, columns are column0, column1, ...
+
+
+@dataclass
+class IngestConfig:
+    max_url_length: int = 2048
+    ftfy: bool = True  # repair mojibake; only captions with non-ASCII characters can need it
+
+
+@dataclass
+class TextFilterConfig:
+    filters: list[str] = field(default_factory=list)  # .sql files (names or paths)
+
+
+@dataclass
+class UrlDedupConfig:
+    enabled: bool = True
+    strip_params: list[str] = field(
+        default_factory=lambda: [
+            "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content",
+            "gclid", "fbclid", "mc_cid", "mc_eid", "ref",
+        ]
+    )
+
+
+@dataclass
+class BalanceConfig:
+    enabled: bool = False
+    metadata: str = ""  # metadata.parquet or a JSON list of strings (MetaCLIP's metadata.json)
+    t: int = 0  # per-entry cap; 0 = derive it from target_size
+    target_size: int = 0
+    seed: int = 0
+    method: str = "auto"  # auto | duckdb | ahocorasick
+
+
+@dataclass
+class CrawlConfig:
+    image_size: int = 256
+    resize_mode: str = "keep_ratio"  # no | border | keep_ratio | keep_ratio_largest | center_crop
+    resize_only_if_bigger: bool = True
+    encode_format: str = "jpg"
+    encode_quality: int = 95
+    min_image_size: int = 0
+    max_image_area: float = float("inf")
+    max_aspect_ratio: float = float("inf")
+    timeout: int = 5
+    retries: int = 0
+    processes_count: int = 2
+    thread_count: int = 16
+    number_sample_per_shard: int = 1000
+    user_agent_token: str = "witforge"
+    disallowed_header_directives: list[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    distributor: str = "multiprocessing"  # multiprocessing | pyspark
+    # Safe-crawl guard (forward proxy on loopback, see pipeline/guard)
+    guard: bool = True
+    request_deadline: float = 20.0  # seconds for connect + headers + body, per request
+    max_body_bytes: int = 20 * 1024 * 1024
+    allow_hosts: list[str] = field(default_factory=list)  # host:port let through the address guard
+    robots: bool = True
+    per_domain_concurrency: int = 8
+    per_domain_rps: float = 0.0  # 0 = unlimited
+
+
+@dataclass
+class ImageFilterConfig:
+    filters: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ImageDedupConfig:
+    enabled: bool = True
+    sha256: bool = True
+    phash: bool = True
+    phash_max_distance: int = 4
+    phash_bands: int = 8
+
+
+@dataclass
+class DecontaminateConfig:
+    enabled: bool = True
+    eval_sets: list[str] = field(default_factory=list)  # folders of eval webdataset tars
+    max_distance: int = 6
+
+
+@dataclass
+class ShardConfig:
+    samples_per_shard: int = 1000
+    seed: int = 0
+    upsample: int = 1
+
+
+@dataclass
+class TrainConfig:
+    model: str = "witforge-tiny"
+    batch_size: int = 64
+    epochs: int = 1
+    steps: int = 0  # 0 = derived from epochs
+    lr: float = 5e-4
+    warmup: int = 10
+    weight_decay: float = 0.2
+    accum_freq: int = 1
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    loss: str = "clip"  # clip | siglip
+    workers: int = 1
+    save_every: int = 100
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    zeroshot: list[str] = field(default_factory=list)  # eval sets in CLIP_benchmark layout
+    retrieval: list[str] = field(default_factory=list)
+    templates: str = "openai"  # openai | simple
+
+
+@dataclass
+class DuckDBConfig:
+    memory_limit: str = "4GB"
+    threads: int = 0  # 0 = all cores
+    temp_directory: str = ""  # default: runs/<build>/_duckdb_tmp
+
+
+@dataclass
+class BuildConfig:
+    name: str
+    sources: list[Source]
+    runs_dir: str = "runs"
+    demo_web: bool = False  # start the local demo web for the crawl (demo builds only)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    text_filter: TextFilterConfig = field(default_factory=TextFilterConfig)
+    url_dedup: UrlDedupConfig = field(default_factory=UrlDedupConfig)
+    precrawl_balance: BalanceConfig = field(default_factory=BalanceConfig)
+    crawl: CrawlConfig = field(default_factory=CrawlConfig)
+    image_filter: ImageFilterConfig = field(default_factory=ImageFilterConfig)
+    image_dedup: ImageDedupConfig = field(default_factory=ImageDedupConfig)
+    decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    duckdb: DuckDBConfig = field(default_factory=DuckDBConfig)
+    # Set by the loader, not by the YAML:
+    path: Path = field(default=Path("."), metadata={"internal": True})
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def run_dir(self) -> Path:
+        runs = Path(self.runs_dir)
+        if not runs.is_absolute():
+            runs = Path.cwd() / runs
+        return runs / self.name
+
+    def resolve(self, p: str) -> Path:
+        """A path from the YAML, relative to the build file's folder."""
+        q = Path(p).expanduser()
+        return q if q.is_absolute() else (self.base_dir / q)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dataclasses.asdict(getattr(self, name))
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str) and value.strip().lower() in ("inf", ".inf", "infinity"):
+            return float("inf")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]} (known keys here: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key {key}")
+    return cls(**kwargs)
+
+
+def load_build(path: str | Path) -> BuildConfig:
+    """Parse and validate a build YAML; every error names the file and the key."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: build file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    try:
+        cfg = _build(BuildConfig, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    cfg.path = p.resolve()
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: BuildConfig) -> None:
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{cfg.path}: {key}: {msg}")
+
+    if not cfg.name or any(c in cfg.name for c in "/\\ "):
+        fail("name", "must be a non-empty name without slashes or spaces")
+    if not cfg.sources:
+        fail("sources", "at least one source is required")
+    formats = {"auto", "csv", "tsv", "json", "jsonl", "parquet"}
+    for i, s in enumerate(cfg.sources):
+        if s.format not in formats:
+            fail(f"sources[{i}].format", f"{s.format!r} is not one of {sorted(formats)}")
+    modes = {"no", "border", "keep_ratio", "keep_ratio_largest", "center_crop"}
+    if cfg.crawl.resize_mode not in modes:
+        fail("crawl.resize_mode", f"{cfg.crawl.resize_mode!r} is not one of {sorted(modes)}")
+    if cfg.crawl.distributor not in ("multiprocessing", "pyspark"):
+        fail("crawl.distributor", "must be multiprocessing or pyspark")
+    if cfg.crawl.encode_format not in ("jpg", "png", "webp"):
+        fail("crawl.encode_format", "must be jpg, png or webp")
+    for key in ("timeout", "processes_count", "thread_count", "number_sample_per_shard"):
+        if getattr(cfg.crawl, key) <= 0:
+            fail(f"crawl.{key}", "must be positive")
+    if cfg.shard.samples_per_shard <= 0:
+        fail("shard.samples_per_shard", "must be positive")
+    if cfg.shard.upsample < 1:
+        fail("shard.upsample", "must be >= 1")
+    if cfg.train.loss not in ("clip", "siglip"):
+        fail("train.loss", "must be clip or siglip")

@@ -1,0 +1,257 @@
+"""The stage contract: one folder per stage, written atomically, skipped when unchanged.
+
+A stage module exposes ``run(ctx: StageContext) -> dict``. It reads
+``ctx.input_path`` (the previous stage's ``kept.parquet``), writes
+``kept.parquet`` and ``dropped.parquet`` into ``ctx.out_dir`` (a temporary
+folder) and returns extra report fields. The runner counts rows, writes
+``report.json`` and ``_SUCCESS``, then renames the folder into place, so an
+interrupted stage leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import duckdb
+
+from pipeline.config import BuildConfig
+
+DROPPED_COLUMNS = "uid VARCHAR, stage VARCHAR, reason VARCHAR, detail VARCHAR"
+
+
+class StageError(RuntimeError):
+    """A stage cannot run: bad input, a missing upstream stage, a failed tool."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    number: int
+    name: str
+    module: str
+    settings: tuple[str, ...]  # config sections whose values the stage depends on
+    enabled: Callable[[BuildConfig], bool] = lambda cfg: True
+
+    @property
+    def folder(self) -> str:
+        return f"{self.number:02d}_{self.name}"
+
+
+# The order of a build. MetaCLIP balances last, after download and dedup, so the final
+# counts are the real ones; the optional pre-crawl balance only saves bandwidth.
+STAGES: list[StageSpec] = [
+    StageSpec(1, "ingest", "pipeline.ingest", ("sources", "ingest")),
+    StageSpec(2, "text_filter", "pipeline.filter", ("text_filter",)),
+    StageSpec(3, "url_dedup", "dedup.url", ("url_dedup",),
+              lambda c: c.url_dedup.enabled),
+    StageSpec(4, "precrawl_balance", "pipeline.balance", ("precrawl_balance",),
+              lambda c: c.precrawl_balance.enabled),
+    StageSpec(5, "robots", "pipeline.robots", ("crawl",), lambda c: c.crawl.robots),
+    StageSpec(6, "crawl", "pipeline.crawl", ("crawl",)),
+    StageSpec(7, "image_filter", "pipeline.filter", ("image_filter",)),
+    StageSpec(8, "image_dedup", "dedup.image", ("image_dedup",),
+              lambda c: c.image_dedup.enabled),
+    StageSpec(9, "decontaminate", "dedup.decontaminate", ("decontaminate",),
+              lambda c: c.decontaminate.enabled and bool(c.decontaminate.eval_sets)),
+    StageSpec(10, "balance", "pipeline.balance", ("balance",), lambda c: c.balance.enabled),
+    StageSpec(11, "shard", "pipeline.shard", ("shard",)),
+]
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+def get_spec(name: str) -> StageSpec:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise StageError(f"unknown stage {name!r} (stages: {', '.join(STAGE_NAMES)})")
+
+
+def enabled_stages(cfg: BuildConfig) -> list[StageSpec]:
+    return [s for s in STAGES if s.enabled(cfg)]
+
+
+def previous_stage(cfg: BuildConfig, spec: StageSpec) -> StageSpec | None:
+    prev = None
+    for s in enabled_stages(cfg):
+        if s.name == spec.name:
+            return prev
+        prev = s
+    raise StageError(f"stage {spec.name} is disabled in {cfg.path}")
+
+
+def connect(cfg: BuildConfig, database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+    """An in-process DuckDB with the build's memory limit and spill folder."""
+    con = duckdb.connect(database)
+    tmp = cfg.duckdb.temp_directory or str(cfg.run_dir / "_duckdb_tmp")
+    Path(tmp).mkdir(parents=True, exist_ok=True)
+    con.execute(f"SET memory_limit = '{cfg.duckdb.memory_limit}'")
+    con.execute(f"SET temp_directory = '{tmp}'")
+    if cfg.duckdb.threads:
+        con.execute(f"SET threads = {int(cfg.duckdb.threads)}")
+    con.execute("SET preserve_insertion_order = false")
+    return con
+
+
+@dataclass
+class StageContext:
+    cfg: BuildConfig
+    spec: StageSpec
+    out_dir: Path  # temporary folder, renamed into place on success
+    input_path: Path | None  # previous stage's kept.parquet
+    work_dir: Path  # persistent scratch kept across interruptions (crawl resumes from it)
+    options: dict[str, Any]  # CLI flags such as retry_failed
+
+    @property
+    def kept_path(self) -> Path:
+        return self.out_dir / "kept.parquet"
+
+    @property
+    def dropped_path(self) -> Path:
+        return self.out_dir / "dropped.parquet"
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        return connect(self.cfg)
+
+    def write_empty_dropped(self, con: duckdb.DuckDBPyConnection) -> None:
+        con.execute(
+            f"COPY (SELECT * FROM (SELECT NULL::VARCHAR uid, NULL::VARCHAR stage, "
+            f"NULL::VARCHAR reason, NULL::VARCHAR detail) WHERE false) "
+            f"TO '{self.dropped_path}' (FORMAT parquet)"
+        )
+
+
+def stage_dir(cfg: BuildConfig, spec: StageSpec) -> Path:
+    return cfg.run_dir / spec.folder
+
+
+def kept_of(cfg: BuildConfig, name: str) -> Path:
+    return stage_dir(cfg, get_spec(name)) / "kept.parquet"
+
+
+def read_report(folder: Path) -> dict[str, Any] | None:
+    if not (folder / "_SUCCESS").exists():
+        return None
+    return json.loads((folder / "report.json").read_text())
+
+
+def _code_hash(module: str) -> str:
+    mod = importlib.import_module(module)
+    src = Path(mod.__file__).read_bytes() if mod.__file__ else b""
+    return hashlib.sha256(src).hexdigest()[:16]
+
+
+def fingerprint(cfg: BuildConfig, spec: StageSpec, upstream: str) -> str:
+    settings = {}
+    for key in spec.settings:
+        value = getattr(cfg, key)
+        settings[key] = [vars(v) for v in value] if isinstance(value, list) else vars(value)
+    extra = {}
+    mod = importlib.import_module(spec.module)
+    if hasattr(mod, "fingerprint_inputs"):
+        extra = mod.fingerprint_inputs(cfg, spec)
+    blob = json.dumps(
+        {"stage": spec.name, "settings": settings, "upstream": upstream,
+         "code": _code_hash(spec.module), "extra": extra},
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _count(con: duckdb.DuckDBPyConnection, path: Path) -> int:
+    return con.execute(f"SELECT count(*) FROM read_parquet('{path}')").fetchall()[0][0]
+
+
+def run_stage(cfg: BuildConfig, name: str, force: bool = False,
+              options: dict[str, Any] | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run one stage (its upstream must be done); skip it when inputs and settings match."""
+    spec = get_spec(name)
+    if not spec.enabled(cfg):
+        raise StageError(f"stage {name} is disabled in {cfg.path}")
+    prev = previous_stage(cfg, spec)
+    upstream_fp = ""
+    input_path = None
+    if prev is not None:
+        prev_report = read_report(stage_dir(cfg, prev))
+        if prev_report is None:
+            raise StageError(
+                f"stage {name} needs stage {prev.name} first: run `witforge {prev.name} "
+                f"--build {cfg.path}` (or `witforge run`)"
+            )
+        upstream_fp = prev_report["fingerprint"]
+        input_path = stage_dir(cfg, prev) / "kept.parquet"
+    fp = fingerprint(cfg, spec, upstream_fp)
+    final = stage_dir(cfg, spec)
+    existing = read_report(final)
+    if existing and existing.get("fingerprint") == fp and not force and not (options or {}).get(
+        "retry_failed"
+    ):
+        log(f"[{spec.folder}] up to date, skipped ({existing['kept']:,} kept)")
+        existing["skipped"] = True
+        return existing
+
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in cfg.run_dir.glob(f".{spec.folder}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = cfg.run_dir / f".{spec.folder}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    work = cfg.run_dir / f"{spec.folder}.work"
+    ctx = StageContext(cfg, spec, tmp, input_path, work, dict(options or {}))
+    started = time.time()
+    try:
+        mod = importlib.import_module(spec.module)
+        extra = mod.run(ctx) or {}
+        report = _finish_report(ctx, extra, time.time() - started, fp, prev)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (tmp / "_SUCCESS").write_text("")
+    if final.exists():
+        old = cfg.run_dir / f".{spec.folder}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    log(_summary_line(spec, report))
+    return report
+
+
+def _finish_report(ctx: StageContext, extra: dict[str, Any], seconds: float, fp: str,
+                   prev: StageSpec | None) -> dict[str, Any]:
+    con = duckdb.connect()
+    if not ctx.kept_path.exists() or not ctx.dropped_path.exists():
+        raise StageError(f"stage {ctx.spec.name} wrote no kept.parquet/dropped.parquet")
+    kept = _count(con, ctx.kept_path)
+    dropped = _count(con, ctx.dropped_path)
+    by_reason = dict(con.execute(
+        f"SELECT reason, count(*) FROM read_parquet('{ctx.dropped_path}') "
+        "GROUP BY reason ORDER BY 2 DESC").fetchall())
+    rows_in = extra.pop("rows_in", None)
+    if rows_in is None:
+        rows_in = _count(con, ctx.input_path) if ctx.input_path else kept + dropped
+    report = {
+        "stage": ctx.spec.name, "folder": ctx.spec.folder,
+        "input": str(ctx.input_path) if ctx.input_path else None,
+        "upstream": prev.name if prev else None,
+        "rows_in": rows_in, "kept": kept, "dropped": dropped,
+        "dropped_by_reason": by_reason, "seconds": round(seconds, 3),
+        "rows_per_s": round(rows_in / seconds, 1) if seconds > 0 else None,
+        "fingerprint": fp,
+    }
+    report.update(extra)
+    return report
+
+
+def _summary_line(spec: StageSpec, r: dict[str, Any]) -> str:
+    reasons = ", ".join(f"{k}={v:,}" for k, v in r["dropped_by_reason"].items())
+    return (f"[{spec.folder}] {r['rows_in']:,} in → {r['kept']:,} kept, {r['dropped']:,} dropped"
+            f"{' (' + reasons + ')' if reasons else ''} in {r['seconds']:.1f}s")
