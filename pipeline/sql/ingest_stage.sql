@@ -1,0 +1,53 @@
+-- Ingest: validate and normalize every raw row, give it a stable uid, mark exact repeats.
+-- Input: table raw(src_order, source, file, url_raw, caption_raw).
+-- A row's fate is the first reason that applies; NULL reason = kept.
+CREATE OR REPLACE TEMP TABLE staged AS
+WITH cleaned AS (
+    SELECT
+        src_order, source, file,
+        trim(url_raw) AS url_t,
+        -- Only captions with non-ASCII characters can need ftfy; ASCII stays on the fast path.
+        CASE WHEN $ftfy AND regexp_matches(caption_raw, '[^\x00-\x7F]')
+             THEN ftfy_fix(caption_raw) ELSE caption_raw END AS caption_fixed
+    FROM raw
+), parsed AS (
+    SELECT *,
+        lower(regexp_extract(url_t, '^([A-Za-z][A-Za-z0-9+.\-]*):', 1)) AS scheme,
+        regexp_extract(url_t, '^[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)', 1) AS authority,
+        regexp_extract(url_t, '^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*(.*)$', 1) AS rest,
+        coalesce(trim(regexp_replace(caption_fixed, '\s+', ' ', 'g')), '') AS caption
+    FROM cleaned
+), hosted AS (
+    SELECT *,
+        -- host without userinfo and port; IPv6 literals keep their brackets
+        regexp_extract(authority, '^(?:[^@]*@)?(\[[0-9A-Fa-f:.]+\]|[^:]*)', 1) AS host
+    FROM parsed
+), judged AS (
+    SELECT *,
+        scheme || '://' || lower(authority) || rest AS url_norm,
+        CASE
+            WHEN url_t IS NULL OR url_t = '' THEN 'missing_url'
+            WHEN scheme NOT IN ('http', 'https') THEN 'bad_url_scheme'
+            WHEN length(url_t) > $max_url_length THEN 'url_too_long'
+            WHEN regexp_matches(url_t, '[\s\x00-\x1F\x7F]') THEN 'bad_url_chars'
+            WHEN host = '' OR NOT regexp_matches(
+                host, '^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_](?:[A-Za-z0-9_\-.]*[A-Za-z0-9_.])?)$')
+                THEN 'bad_url_host'
+            ELSE NULL
+        END AS bad_reason
+    FROM hosted
+)
+SELECT
+    md5(coalesce(url_norm, coalesce(url_t, '')) || chr(31) || caption) AS uid,
+    coalesce(url_norm, url_t) AS url, caption, source, src_order, file, bad_reason
+FROM judged;
+
+CREATE OR REPLACE TEMP TABLE fated AS
+SELECT *,
+    CASE
+        WHEN bad_reason IS NOT NULL THEN bad_reason
+        -- Exact repeats of (url, caption): the first source in build order keeps the pair.
+        WHEN row_number() OVER (PARTITION BY uid ORDER BY src_order, file) > 1 THEN 'exact_repeat'
+        ELSE NULL
+    END AS reason
+FROM staged;
