@@ -1,0 +1,283 @@
+"""Streaming WebDataset loader for CLIP training.
+
+One *slot* = (rank, worker). Every slot reads its own deterministic, infinite stream:
+
+    shards --(split by rank and worker)--> tar samples --(seeded shuffle buffer)-->
+    weighted mix of sources --> decode (corrupt samples skipped AND counted) -->
+    open_clip preprocess + tokenizer --> batch (images, tokens, info)
+
+* ``resampled=True`` draws shards with replacement (seeded per slot); otherwise the slot makes
+  passes over its share of the shards, reshuffled each pass ("epochs").
+* Split: with at least as many shards as slots each slot owns ``shards[slot::slots]``; with
+  fewer, every slot reads all shards and keeps every ``slots``-th sample, so no rank is ever
+  left without data. Streams are infinite, so every rank yields the same number of batches;
+  the train loop decides how many steps make an epoch (``steps_per_epoch``).
+* Position: each batch's ``info`` carries its slot's sample counters. The train loop keeps the
+  latest per slot (``LoaderPosition``) in the checkpoint; on resume each slot replays its
+  stream *without decoding images* up to that point, so the next batch is the same one the
+  interrupted run would have seen. DataLoader hands out batches from workers round-robin;
+  a resumed loader rotates worker roles so that order continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(spec: str | Path | list[str]) -> list[str]:
+    """Shard paths from a folder (its *.tar), a brace pattern ("a-{000..009}.tar"), several
+    patterns joined by "::", or a list of any of these."""
+    if isinstance(spec, list):
+        return [u for s in spec for u in expand_shards(s)]
+    spec = str(spec)
+    if Path(spec).is_dir():
+        urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
+    else:
+        urls = expand_urls(spec)
+    if not urls:
+        raise ValueError(f"no shards found in {spec}")
+    return urls
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Samples in ``urls`` according to the sizes.json next to them (open_clip's format),
+    or None when a shard is not listed."""
+    total, cache = 0, {}
+    for u in urls:
+        sizes_path = Path(u).parent / "sizes.json"
+        if sizes_path not in cache:
+            cache[sizes_path] = (json.loads(sizes_path.read_text()) if sizes_path.is_file()
+                                 else {})
+        n = cache[sizes_path].get(Path(u).name)
+        if n is None:
+            return None
+        total += int(n)
+    return total
+
+
+@dataclass
+class LoaderConfig:
+    sources: list[str]  # one shard spec per source (see expand_shards)
+    batch_size: int  # per rank
+    weights: list[float] | None = None  # sampling weight per source (default: equal)
+    seed: int = 0
+    resampled: bool = True
+    shuffle_buffer: int = 1000  # 0 = keep shard order (and shard order is not shuffled)
+    split: str = "auto"  # auto | shard | sample
+    workers: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass
+class LoaderPosition:
+    """What the train loop stores in a checkpoint to resume the stream exactly."""
+
+    batches: int = 0  # batches this rank has consumed
+    slots: dict[int, dict[str, Any]] = field(default_factory=dict)  # role -> counters
+    skipped: dict[str, int] = field(default_factory=dict)  # corrupt samples by reason
+
+    def update(self, info: dict[str, Any]) -> None:
+        self.batches += 1
+        self.slots[info["role"]] = {"consumed": list(info["consumed"]), "batch": info["batch"]}
+        for reason, n in info["skipped"].items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches, "skipped": dict(self.skipped),
+                "slots": {str(k): v for k, v in self.slots.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoaderPosition:
+        return cls(d["batches"], {int(k): v for k, v in d["slots"].items()}, dict(d["skipped"]))
+
+
+def _rng(*parts: Any) -> random.Random:
+    # A string seed is hashed with sha512 by random.Random: stable across runs and machines.
+    return random.Random(":".join(str(p) for p in parts))
+
+
+class ClipStream(IterableDataset):
+    """Yields (images [B,3,H,W], tokens [B,L], info) batches forever; see module docstring."""
+
+    def __init__(self, cfg: LoaderConfig, preprocess: Callable, tokenizer: Callable,
+                 position: LoaderPosition | None = None):
+        super().__init__()
+        if cfg.split not in ("auto", "shard", "sample"):
+            raise ValueError(f"split must be auto, shard or sample, not {cfg.split!r}")
+        self.cfg = cfg
+        self.urls = [expand_shards(s) for s in cfg.sources]
+        w = cfg.weights or [1.0] * len(self.urls)
+        if len(w) != len(self.urls) or min(w) < 0 or sum(w) <= 0:
+            raise ValueError(f"weights {w} must be non-negative, one per source")
+        self.cum_weights = [sum(w[: i + 1]) / sum(w) for i in range(len(w))]
+        self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.position = position or LoaderPosition()
+
+    # -- raw (undecoded) sample streams ------------------------------------------------------
+    def _shard_order(self, src: int, slot: int, slots: int) -> Iterator[tuple[str, int, int]]:
+        """(url, keep_every, keep_offset) forever, for one source in one slot."""
+        urls = self.urls[src]
+        by_sample = self.cfg.split == "sample" or (self.cfg.split == "auto" and len(urls) < slots)
+        mine = urls if by_sample else urls[slot::slots]
+        keep = (slots, slot) if by_sample else (1, 0)
+        # Sample-level split: all slots must walk the shards in the same order.
+        who = "all" if by_sample else slot
+        if self.cfg.resampled:
+            rng = _rng(self.cfg.seed, "resample", src, who)
+            while True:
+                yield (rng.choice(mine), *keep)
+        epoch = 0
+        while True:
+            order = list(mine)
+            if self.cfg.shuffle_buffer > 0:
+                _rng(self.cfg.seed, "shards", src, who, epoch).shuffle(order)
+            for u in order:
+                yield (u, *keep)
+            epoch += 1
+
+    def _raw_samples(self, src: int, slot: int, slots: int, skipped: Counter) -> Iterator[dict]:
+        def handler(exn: Exception) -> bool:
+            skipped["unreadable_tar"] += 1  # truncated or malformed tar: rest of shard lost
+            return True
+
+        def samples() -> Iterator[dict]:
+            for url, every, offset in self._shard_order(src, slot, slots):
+                stream = url_opener([{"url": url}], handler=handler)
+                files = tar_file_expander(stream, handler=handler)
+                for i, s in enumerate(group_by_keys(files, handler=handler)):
+                    if i % every == offset:
+                        yield s
+
+        it = samples()
+        n = self.cfg.shuffle_buffer
+        if n <= 0:
+            return it
+        return _shuffled(it, n, _rng(self.cfg.seed, "shuffle", src, slot))
+
+    # -- decoding ------------------------------------------------------------------------------
+    @staticmethod
+    def decode(sample: dict) -> tuple[Image.Image, str] | str:
+        """(image, caption), or the reason the sample is unusable."""
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None:
+            return "missing_image"
+        if "txt" not in sample:
+            return "missing_caption"
+        try:
+            caption = sample["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return "bad_caption_encoding"
+        if not caption:
+            return "empty_caption"
+        try:
+            img = Image.open(io.BytesIO(sample[key]))
+            img.load()
+            return img.convert("RGB"), caption
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
+            return "bad_image"
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        cfg = self.cfg
+        winfo = get_worker_info()
+        n_workers = max(1, cfg.workers)
+        worker = winfo.id if winfo else 0
+        # Rotate roles so a resumed loader's first batch comes from the role that was next.
+        role = (worker + self.position.batches) % n_workers
+        slot, slots = cfg.rank * n_workers + role, cfg.world_size * n_workers
+        saved = self.position.slots.get(role, {"consumed": [0] * len(self.urls), "batch": 0})
+        skipped: Counter = Counter()
+        streams = [self._raw_samples(s, slot, slots, skipped) for s in range(len(self.urls))]
+        mix = _rng(cfg.seed, "mix", slot)
+        consumed = list(saved["consumed"])
+        # Replay without decoding: draw the same source choices and pull the same samples.
+        for s, n in enumerate(consumed):
+            for _ in range(n):
+                next(streams[s])
+        if len(streams) > 1:
+            for _ in range(sum(consumed)):
+                mix.random()
+        skipped.clear()  # counted in the interrupted run already (LoaderPosition.skipped)
+        batch_no = saved["batch"]
+        while True:
+            images, texts, keys = [], [], []
+            while len(images) < cfg.batch_size:
+                s = bisect.bisect_left(self.cum_weights, mix.random()) if len(streams) > 1 else 0
+                s = min(s, len(streams) - 1)
+                sample = next(streams[s])
+                consumed[s] += 1
+                got = self.decode(sample)
+                if isinstance(got, str):
+                    skipped[got] += 1
+                    continue
+                images.append(got[0])
+                texts.append(got[1])
+                keys.append(sample["__key__"])
+            # Augmentations draw from torch's RNG: seed it per batch so a batch is a pure
+            # function of its position, without disturbing the training process's RNG.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_batch_seed(cfg.seed, slot, batch_no))
+                pixels = torch.stack([self.preprocess(im) for im in images])
+            tokens = self.tokenizer(texts)
+            batch_no += 1
+            info = {"role": role, "slot": slot, "batch": batch_no, "consumed": list(consumed),
+                    "skipped": dict(skipped), "keys": keys}
+            skipped.clear()
+            yield pixels, tokens, info
+
+
+def _shuffled(it: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle buffer (same algorithm as webdataset's, with our seeded rng)."""
+    buf: list[dict] = []
+    for x in it:
+        if len(buf) < bufsize:
+            buf.append(x)
+            continue
+        k = rng.randrange(bufsize)
+        buf[k], x = x, buf[k]
+        yield x
+    rng.shuffle(buf)  # only reached for finite inputs
+    yield from buf
+
+
+def _batch_seed(seed: int, slot: int, batch: int) -> int:
+    h = hashlib.sha256(f"{seed}:{slot}:{batch}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def make_loader(cfg: LoaderConfig, preprocess: Callable, tokenizer: Callable,
+                position: LoaderPosition | None = None) -> DataLoader:
+    """A DataLoader over ClipStream (batches are built inside the dataset)."""
+    ds = ClipStream(cfg, preprocess, tokenizer, position)
+    return DataLoader(ds, batch_size=None, num_workers=cfg.workers,
+                      persistent_workers=cfg.workers > 0,
+                      prefetch_factor=2 if cfg.workers > 0 else None)
+
+
+def steps_per_epoch(sources: list[str], batch_size: int, world_size: int,
+                    weights: list[float] | None = None) -> int:
+    """Steps that show each sample about once: the samples of all sources (sizes.json) over
+    the global batch; at least 1."""
+    urls = [expand_shards(s) for s in sources]
+    counts = [count_samples(u) for u in urls]
+    if any(c is None for c in counts):
+        missing = [s for s, c in zip(sources, counts, strict=True) if c is None]
+        raise ValueError(f"no sizes.json entry for shards of {missing}; pass --steps")
+    return max(1, sum(counts) // (batch_size * world_size))
