@@ -1,0 +1,272 @@
+"""One crawl attempt: a fixed url list downloaded by img2dataset into its own folder.
+
+Layout of ``runs/<build>/06_crawl.work/attempt_NNN/``::
+
+    urls.parquet     uid, url, caption — sorted by uid, written once, never changed
+    download.json    img2dataset.download keyword arguments
+    images/          img2dataset's output: NNNNN.tar, NNNNN.parquet, NNNNN_stats.json
+    hashes.parquet   attempt, key, tar, sha256, bytes of each stored image (when done)
+    crawl.log        img2dataset's own output
+    _DONE            every shard finished and hashed
+
+img2dataset resumes whole shards (``incremental_mode``): a shard counts as done when its
+``_stats.json`` exists. That file is not written atomically and a killed process can leave a
+tar without one, so before resuming every shard is checked and anything doubtful is removed
+and downloaded again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.config import BuildConfig
+from pipeline.stage import StageError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Attempt:
+    number: int
+    folder: Path
+
+    @property
+    def urls(self) -> Path:
+        return self.folder / "urls.parquet"
+
+    @property
+    def images(self) -> Path:
+        return self.folder / "images"
+
+    @property
+    def hashes(self) -> Path:
+        return self.folder / "hashes.parquet"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "crawl.log"
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / "_DONE").exists()
+
+    def rows(self) -> int:
+        return pq.ParquetFile(self.urls).metadata.num_rows
+
+    def shard_count(self, per_shard: int) -> int:
+        return math.ceil(self.rows() / per_shard)
+
+    def stats_files(self) -> list[Path]:
+        return sorted(self.images.glob("*_stats.json")) if self.images.exists() else []
+
+    def counts(self) -> tuple[int, int]:
+        """(samples, successes) over the finished shards."""
+        n = ok = 0
+        for p in self.stats_files():
+            s = json.loads(p.read_text())
+            n, ok = n + s["count"], ok + s["successes"]
+        return n, ok
+
+    def result_files(self) -> list[Path]:
+        return [p.with_name(p.name.replace("_stats.json", ".parquet")) for p in self.stats_files()]
+
+
+def download_kwargs(cfg: BuildConfig, attempt: Attempt) -> dict[str, Any]:
+    """img2dataset.download arguments for an attempt; bench_crawl reuses them verbatim."""
+    c = cfg.crawl
+    return {
+        "url_list": str(attempt.urls),
+        "input_format": "parquet",
+        "url_col": "url",
+        "caption_col": "caption",
+        "save_additional_columns": ["uid"],
+        "output_folder": str(attempt.images),
+        "output_format": "webdataset",
+        "image_size": c.image_size,
+        "resize_mode": c.resize_mode,
+        "resize_only_if_bigger": c.resize_only_if_bigger,
+        "encode_format": c.encode_format,
+        "encode_quality": c.encode_quality,
+        "min_image_size": c.min_image_size,
+        "max_image_area": c.max_image_area,
+        "max_aspect_ratio": c.max_aspect_ratio,
+        "timeout": c.timeout,
+        "retries": c.retries,
+        "processes_count": c.processes_count,
+        "thread_count": c.thread_count,
+        "number_sample_per_shard": c.number_sample_per_shard,
+        "user_agent_token": c.user_agent_token or None,
+        # An empty list means "check no directive" in img2dataset; None would mean its defaults.
+        "disallowed_header_directives": list(c.disallowed_header_directives),
+        "distributor": c.distributor,
+        "extract_exif": False,
+        "compute_hash": "sha256",  # of the bytes as downloaded, kept as source_sha256
+        "incremental_mode": "incremental",
+        "enable_wandb": False,
+    }
+
+
+def worker_env(cfg: BuildConfig) -> dict[str, str]:
+    """Environment of the img2dataset process (the safe-crawl guard adds its proxy here)."""
+    env = dict(os.environ)
+    env["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    env["WANDB_MODE"] = "disabled"
+    env["PYSPARK_PYTHON"] = sys.executable
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def _shard_ok(stats: Path) -> bool:
+    try:
+        count = json.loads(stats.read_text())["count"]
+        results = stats.with_name(stats.name.replace("_stats.json", ".parquet"))
+        if pq.ParquetFile(results).metadata.num_rows != count:
+            return False
+        with tarfile.open(stats.with_name(stats.name.replace("_stats.json", ".tar"))) as t:
+            t.getmembers()  # raises on a truncated archive
+        return True
+    except (OSError, ValueError, KeyError, tarfile.TarError, pa.ArrowException):
+        return False
+
+
+def clean_partial_shards(attempt: Attempt) -> int:
+    """Remove every shard that is not provably complete, so img2dataset redoes it."""
+    if not attempt.images.exists():
+        return 0
+    good = {p.name.split("_")[0] for p in attempt.stats_files() if _shard_ok(p)}
+    removed = set()
+    for p in attempt.images.iterdir():
+        shard = p.name.split("_")[0].split(".")[0]
+        if p.is_file() and shard.isdigit() and shard not in good:
+            p.unlink()
+            removed.add(shard)
+    return len(removed)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _progress(attempt: Attempt, bar: tqdm, seen: set[str], counts: dict[str, int]) -> None:
+    for stats in attempt.stats_files():
+        if stats.name in seen:
+            continue
+        try:
+            s = json.loads(stats.read_text())
+        except (OSError, ValueError):
+            continue  # being written; read it next time
+        seen.add(stats.name)
+        counts["ok"] += s["successes"]
+        counts["failed"] += s["count"] - s["successes"]
+        bar.set_postfix(ok=counts["ok"], failed=counts["failed"], refresh=False)
+        bar.update(s["count"])
+
+
+def run_attempt(cfg: BuildConfig, attempt: Attempt) -> None:
+    """Download an attempt's missing shards in a worker process, with a progress bar."""
+    kwargs = download_kwargs(cfg, attempt)
+    job = attempt.folder / "download.json"
+    job.write_text(json.dumps(kwargs, indent=2))
+    total = attempt.rows()
+    per_shard = cfg.crawl.number_sample_per_shard
+    for _ in range(2):  # a second pass retries shards img2dataset gave up on
+        with open(attempt.log, "ab") as log, tqdm(
+            total=total, desc=f"crawl attempt {attempt.number}", unit="img", file=sys.stderr,
+            mininterval=1.0, dynamic_ncols=True,
+        ) as bar:
+            counts = {"ok": 0, "failed": 0}
+            seen: set[str] = set()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.crawl_worker", str(job)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=worker_env(cfg), cwd=attempt.folder, start_new_session=True,
+            )
+            (attempt.folder / "worker.pid").write_text(str(proc.pid))
+            try:
+                while proc.poll() is None:
+                    _progress(attempt, bar, seen, counts)
+                    time.sleep(0.25)
+            except BaseException:
+                _stop_group(proc)
+                raise
+            _progress(attempt, bar, seen, counts)
+        if proc.returncode != 0:
+            raise StageError(f"img2dataset failed (exit {proc.returncode}) in {attempt.folder}; "
+                             f"last lines of {attempt.log}:\n{_tail(attempt.log)}")
+        if len(attempt.stats_files()) >= attempt.shard_count(per_shard):
+            return
+        clean_partial_shards(attempt)
+    missing = attempt.shard_count(per_shard) - len(attempt.stats_files())
+    raise StageError(f"img2dataset left {missing} shard(s) of {attempt.folder} unfinished; "
+                     f"rerun to retry them (see {attempt.log}):\n{_tail(attempt.log)}")
+
+
+def stop_stale_worker(attempt: Attempt) -> None:
+    """Wait for a worker left by a killed stage process to stop (its watchdog kills it)."""
+    pid_file = attempt.folder / "worker.pid"
+    if not pid_file.exists():
+        return
+    pid = int(pid_file.read_text() or 0)
+    deadline = time.time() + 10
+    while pid and time.time() < deadline:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return
+        if b"pipeline.crawl_worker" not in cmd:
+            return
+        time.sleep(0.2)
+    raise StageError(f"a crawl worker (pid {pid}) is still writing {attempt.folder}; "
+                     "is another `witforge crawl` running on this build?")
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def hash_images(attempt: Attempt, encode_format: str, run_dir: Path) -> None:
+    """sha256 and size of each stored image, read back from the tars (what later stages see)."""
+    suffix = "." + encode_format
+    cols: dict[str, list[Any]] = {"attempt": [], "key": [], "tar": [], "sha256": [], "bytes": []}
+    for stats in attempt.stats_files():
+        tar_path = stats.with_name(stats.name.replace("_stats.json", ".tar"))
+        rel = os.path.relpath(tar_path, run_dir)
+        with tarfile.open(tar_path) as t:
+            for m in t:
+                if not m.name.endswith(suffix):
+                    continue
+                data = t.extractfile(m).read()
+                cols["attempt"].append(attempt.number)
+                cols["key"].append(m.name[: -len(suffix)])
+                cols["tar"].append(rel)
+                cols["sha256"].append(hashlib.sha256(data).hexdigest())
+                cols["bytes"].append(len(data))
+    schema = pa.schema([("attempt", pa.int32()), ("key", pa.string()), ("tar", pa.string()),
+                        ("sha256", pa.string()), ("bytes", pa.int64())])
+    tmp = attempt.hashes.with_suffix(".tmp")
+    pq.write_table(pa.table(cols, schema=schema), tmp)
+    tmp.replace(attempt.hashes)
+    (attempt.folder / "_DONE").write_text("")
