@@ -1,0 +1,199 @@
+"""Start and stop the guarding proxy, and hand it to img2dataset.
+
+    with GuardProxy(cfg.crawl, events_path=work / "guard.jsonl") as proxy:
+        with proxy.environment():          # http_proxy/https_proxy/... for child processes
+            img2dataset.download(...)
+        print(proxy.stats())
+
+The proxy runs in its own process so that its event loop never competes with the crawl's
+Python threads for a GIL, and so a crash in either cannot take the other down. It exits when
+its stdin closes, so it never outlives the process that started it.
+
+:func:`classify_guard_error` turns an img2dataset error message back into the guard's reason
+and URL, for the crawl stage's ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.guard.server import TAG, GuardSettings
+
+# Schemes urllib could open without the network or behind our back: routing them to the proxy
+# makes it refuse them (blocked_scheme) instead of urllib reading a local file or an FTP site.
+_PROXIED_SCHEMES = ("http", "https", "ftp", "file", "data")
+_REASON_RE = re.compile(re.escape(TAG) + r" ([a-z_]+)(?: (\S+))?")
+_URLLIB_REDIRECT_RE = re.compile(r"Redirection to url '([^']*)' is not allowed")
+
+GUARD_REASONS = ("blocked_address", "blocked_scheme", "deadline_exceeded", "body_too_large",
+                 "domain_busy", "dns_error", "connect_error", "upstream_error", "bad_response",
+                 "method_not_allowed", "bad_request", "guard_error")
+
+
+def settings_from_crawl(crawl: Any, **overrides: Any) -> GuardSettings:
+    """GuardSettings from a CrawlConfig (pipeline.config), with optional overrides."""
+    s = GuardSettings(
+        deadline=float(crawl.request_deadline),
+        max_body_bytes=int(crawl.max_body_bytes),
+        allow_hosts=list(crawl.allow_hosts),
+        per_domain_concurrency=int(crawl.per_domain_concurrency),
+        per_domain_rps=float(crawl.per_domain_rps),
+    )
+    for k, v in overrides.items():
+        setattr(s, k, v)
+    return s
+
+
+def client_timeout(settings: GuardSettings) -> int:
+    """The per-read timeout img2dataset should use behind the proxy: the proxy answers only
+    once the whole body is in (after at most one deadline waiting for the domain's turn and
+    one fetching), so the client must wait a little longer to hear the proxy's reason
+    instead of timing out on its own."""
+    return int(math.ceil(2 * settings.deadline)) + 5
+
+
+def classify_guard_error(message: str | None) -> tuple[str, str] | None:
+    """(reason, url) if an error message came from the guard, else None.
+
+    Matches both ``HTTP Error 403: witforge-guard blocked_address http://...`` (http) and
+    ``<urlopen error Tunnel connection failed: 403 witforge-guard blocked_address h:443>``."""
+    if not message:
+        return None
+    m = _REASON_RE.search(message)
+    if m is None:
+        # urllib itself refuses redirects to schemes other than http/https/ftp (file://).
+        r = _URLLIB_REDIRECT_RE.search(message)
+        return ("blocked_scheme", r.group(1)) if r else None
+    return m.group(1), (m.group(2) or "").rstrip(">")
+
+
+class GuardProxy:
+    """The guarding proxy as a child process on 127.0.0.1 (a context manager)."""
+
+    def __init__(self, settings: GuardSettings | Any, events_path: str | Path | None = None,
+                 port: int = 0, start_timeout: float = 30.0) -> None:
+        if not isinstance(settings, GuardSettings):
+            settings = settings_from_crawl(settings)
+        self.settings = settings
+        self.events_path = Path(events_path) if events_path else None
+        self.port = port
+        self.start_timeout = start_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.address: tuple[str, int] | None = None
+        self._events_from = 0  # the event log is appended to; this run starts here
+
+    @property
+    def url(self) -> str:
+        if self.address is None:
+            raise RuntimeError("the guard proxy is not running")
+        return f"http://{self.address[0]}:{self.address[1]}"
+
+    def start(self) -> GuardProxy:
+        if self.events_path is not None:
+            self.events_path.parent.mkdir(parents=True, exist_ok=True)
+            self._events_from = (self.events_path.stat().st_size
+                                 if self.events_path.exists() else 0)
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        cmd = [sys.executable, "-m", "pipeline.guard.server", "--watch-stdin",
+               "--port", str(self.port), "--settings", json.dumps(asdict(self.settings))]
+        if self.events_path is not None:
+            cmd += ["--events", str(self.events_path)]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env=env)
+        line = self._read_ready_line()
+        host, _, port = line.rsplit(" ", 1)[-1].rpartition(":")
+        self.address = (host, int(port))
+        return self
+
+    def _read_ready_line(self) -> str:
+        import select
+
+        assert self._proc is not None and self._proc.stdout is not None
+        ready, _, _ = select.select([self._proc.stdout], [], [], self.start_timeout)
+        line = self._proc.stdout.readline().decode().strip() if ready else ""
+        if not line.startswith(f"{TAG} listening "):
+            self.stop()
+            raise RuntimeError(f"the guard proxy did not start (got {line!r}; see stderr)")
+        return line
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for f in (proc.stdin, proc.stdout):
+            if f is not None:
+                f.close()
+
+    def __enter__(self) -> GuardProxy:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that route every urllib request through the proxy."""
+        out = {}
+        for scheme in _PROXIED_SCHEMES:
+            out[f"{scheme}_proxy"] = self.url
+            out[f"{scheme.upper()}_PROXY"] = self.url
+        return out
+
+    @contextmanager
+    def environment(self) -> Iterator[dict[str, str]]:
+        """Set the proxy variables in os.environ (inherited by spawned img2dataset workers)
+        and remove no_proxy, which would let loopback or listed hosts bypass the guard."""
+        saved = dict(os.environ)
+        os.environ.update(self.env())
+        for k in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+            os.environ.pop(k, None)
+        # urllib caches the first opener it builds (with the proxies of that moment).
+        urllib.request.install_opener(None)  # type: ignore[arg-type]
+        try:
+            yield self.env()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+            urllib.request.install_opener(None)  # type: ignore[arg-type]
+
+    def opener(self) -> urllib.request.OpenerDirector:
+        """A urllib opener that goes through this proxy (for in-process fetches, e.g. robots)."""
+        return urllib.request.build_opener(
+            urllib.request.ProxyHandler({s: self.url for s in _PROXIED_SCHEMES}))
+
+    def events(self) -> list[dict[str, Any]]:
+        """The refusal events logged so far (and the summary once stopped)."""
+        if self.events_path is None or not self.events_path.exists():
+            return []
+        with open(self.events_path, "rb") as f:
+            f.seek(self._events_from)
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        return [json.loads(x) for x in lines if x.strip()]
+
+    def stats(self) -> dict[str, int]:
+        """Counts by reason from the event log (the summary line once the proxy stopped)."""
+        counts: dict[str, int] = {}
+        for e in self.events():
+            if "summary" in e:
+                return dict(e["summary"])
+            counts[e["reason"]] = counts.get(e["reason"], 0) + 1
+        return counts
