@@ -104,7 +104,8 @@ class ImageDedupConfig:
     sha256: bool = True
     phash: bool = True
     phash_max_distance: int = 4
-    phash_bands: int = 8
+    phash_bands: int = 0  # 0 = phash_max_distance + 1: LSH then finds every pair (pigeonhole)
+    workers: int = 2  # processes computing pHashes (one tar at a time each)
 
 
 @dataclass
@@ -303,5 +304,13 @@ def _validate(cfg: BuildConfig) -> None:
         fail("shard.samples_per_shard", "must be positive")
     if cfg.shard.upsample < 1:
         fail("shard.upsample", "must be >= 1")
+    if not 0 <= cfg.image_dedup.phash_max_distance <= 63:
+        fail("image_dedup.phash_max_distance", "must be between 0 and 63 (bits of a 64-bit hash)")
+    if not 0 <= cfg.image_dedup.phash_bands <= 64:
+        fail("image_dedup.phash_bands", "must be between 1 and 64 (0 = max distance + 1)")
+    if cfg.image_dedup.workers < 1:
+        fail("image_dedup.workers", "must be >= 1")
+    if not 0 <= cfg.decontaminate.max_distance <= 63:
+        fail("decontaminate.max_distance", "must be between 0 and 63")
     if cfg.train.loss not in ("clip", "siglip"):
         fail("train.loss", "must be clip or siglip")

@@ -1,0 +1,164 @@
+"""64-bit perceptual hash (DCT pHash), computed per tar in parallel and cached.
+
+Same algorithm as ``imagehash.phash`` (hash_size 8, highfreq_factor 4): grey, Lanczos resize
+to 32×32, 2-D DCT-II, keep the 8×8 lowest frequencies, bit = coefficient > their median, bits
+in row-major order with the first bit most significant (so ``f"{h:016x}"`` equals imagehash's
+hex string). The DCT is a 8×32 matrix product instead of scipy's FFT, which gives the same
+coefficients up to float rounding; coefficients are rounded to 1e-3 before the median so
+exact ties (flat images) hash the same on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import multiprocessing as mp
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from dedup.imagestore import KEY_COL, TAR_COL, iter_tar_images
+
+HASH_SIZE = 8
+# Starting worker processes costs ~1-3 s (imports); below this much work one process is faster.
+_MIN_PARALLEL_BYTES = 16 * 1024 * 1024
+IMG_SIZE = HASH_SIZE * 4
+
+
+def _dct_rows(n: int, k: int) -> np.ndarray:
+    # scipy.fftpack.dct type II, norm=None: y[u] = 2 * sum_x f[x] cos(pi * u * (2x + 1) / 2n)
+    u = np.arange(k)[:, None]
+    x = np.arange(n)[None, :]
+    return 2.0 * np.cos(np.pi * u * (2 * x + 1) / (2 * n))
+
+
+_D = _dct_rows(IMG_SIZE, HASH_SIZE)
+_WEIGHTS = (1 << np.arange(63, -1, -1, dtype=np.uint64)).astype(np.uint64)
+
+
+def phash_image(img: Image.Image) -> int:
+    """The 64-bit pHash of a PIL image as an unsigned int."""
+    grey = img.convert("L").resize((IMG_SIZE, IMG_SIZE), Image.Resampling.LANCZOS)
+    px = np.asarray(grey, dtype=np.float64)
+    low = np.round(_D @ px @ _D.T, 3)
+    bits = (low > np.median(low)).ravel().astype(np.uint64)
+    return int((bits * _WEIGHTS).sum(dtype=np.uint64))
+
+
+def phash_bytes(data: bytes) -> int:
+    with Image.open(io.BytesIO(data)) as img:
+        return phash_image(img)
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def phash_tar(path: str) -> list[tuple[str, int | None, str | None]]:
+    """(key, phash or None, error or None) for every image member of one tar."""
+    out: list[tuple[str, int | None, str | None]] = []
+    for key, data in iter_tar_images(path):
+        try:
+            out.append((key, phash_bytes(data), None))
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
+            # PIL raises OSError/SyntaxError/ValueError for truncated or non-image bytes
+            out.append((key, None, f"{type(e).__name__}: {e}"[:300]))
+    return out
+
+
+_SCHEMA = pa.schema([("tar", pa.string()), ("key", pa.string()), ("phash", pa.uint64()),
+                     ("error", pa.string())])
+
+
+def _cache_file(cache_dir: Path, tar: str) -> Path:
+    st = os.stat(tar)
+    ident = f"{os.path.abspath(tar)}|{st.st_size}|{st.st_mtime_ns}|v1"
+    return cache_dir / f"{hashlib.sha1(ident.encode()).hexdigest()}.parquet"
+
+
+def _task(args: tuple[str, str]) -> tuple[str, int]:
+    tar, out = args
+    rows = phash_tar(tar)
+    table = pa.table({
+        "tar": [tar] * len(rows), "key": [r[0] for r in rows],
+        "phash": pa.array([r[1] for r in rows], pa.uint64()), "error": [r[2] for r in rows],
+    }, schema=_SCHEMA)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)  # a crash never leaves a half-written cache entry
+    return tar, len(rows)
+
+
+def hash_tars(tars: Sequence[str], cache_dir: Path, workers: int = 2,
+              desc: str = "pHash") -> list[Path]:
+    """pHash every image member of each tar (in parallel, cached by path+size+mtime).
+
+    Returns the cache Parquet files (columns tar, key, phash UBIGINT, error), one per tar.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tars = sorted(set(tars))
+    files = [_cache_file(cache_dir, t) for t in tars]
+    todo = [(t, str(f)) for t, f in zip(tars, files, strict=True) if not f.exists()]
+    if todo:
+        bar = tqdm(total=len(todo), desc=desc, unit="tar", leave=False)
+        images = 0
+        small = sum(os.path.getsize(t) for t, _ in todo) < _MIN_PARALLEL_BYTES
+        if workers <= 1 or len(todo) == 1 or small:
+            results: Iterable[tuple[str, int]] = map(_task, todo)
+            for _, n in results:
+                images += n
+                bar.update(1)
+                bar.set_postfix(images=images)
+        else:
+            # spawn: the parent may hold a DuckDB connection with threads; forking that is unsafe
+            with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+                for _, n in pool.imap_unordered(_task, todo):
+                    images += n
+                    bar.update(1)
+                    bar.set_postfix(images=images)
+        bar.close()
+    return files
+
+
+_ATTACH_SQL = (Path(__file__).parent / "sql" / "attach_phash.sql").read_text()
+
+
+def attach_phash(con: duckdb.DuckDBPyConnection, run_dir: Path, cache_dir: Path,
+                 workers: int = 2, tar_col: str = TAR_COL, key_col: str = KEY_COL) -> dict:
+    """Create temp table ``hashed`` = table ``src`` + phash UBIGINT + phash_error VARCHAR.
+
+    ``src`` must have the crawl's tar (relative to ``run_dir``) and key columns.
+    """
+    cols = [r[0] for r in con.execute("DESCRIBE src").fetchall()]
+    for c in (tar_col, key_col, "uid"):
+        if c not in cols:
+            raise ValueError(f"input has no {c!r} column (columns: {', '.join(cols)}); "
+                             "pHash needs the crawl's tar and key")
+    rel_tars = [r[0] for r in con.execute(
+        f"SELECT DISTINCT {tar_col} FROM src WHERE {tar_col} IS NOT NULL").fetchall()]
+    mapping = {t: str(run_dir / t) for t in rel_tars}
+    missing = [a for a in mapping.values() if not os.path.isfile(a)]
+    if missing:
+        raise ValueError(f"crawl tar not found: {missing[0]} ({len(missing)} missing)")
+    files = hash_tars(list(mapping.values()), cache_dir, workers)
+    con.execute("CREATE OR REPLACE TEMP TABLE tarmap (tar VARCHAR, abs VARCHAR)")
+    if mapping:
+        con.executemany("INSERT INTO tarmap VALUES (?, ?)", list(mapping.items()))
+        con.execute("CREATE OR REPLACE TEMP TABLE phash_cache AS "
+                    "SELECT * FROM read_parquet($files)", {"files": [str(f) for f in files]})
+    else:
+        con.execute("CREATE OR REPLACE TEMP TABLE phash_cache AS SELECT NULL::VARCHAR tar, "
+                    "NULL::VARCHAR key, NULL::UBIGINT phash, NULL::VARCHAR error WHERE false")
+    sql = _ATTACH_SQL
+    if (tar_col, key_col) != ("tar", "key"):
+        sql = sql.replace("s.tar", f"s.{tar_col}").replace("s.key", f"s.{key_col}")
+    con.execute(sql)
+    images = con.execute("SELECT count(*) FROM phash_cache").fetchall()[0][0]
+    return {"tars": len(files), "images_hashed": images}
