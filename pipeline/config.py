@@ -64,6 +64,7 @@ class BalanceConfig:
 
 
 @dataclass
+    workers: int = 0  # matching processes for the ahocorasick method; 0 = CPU count
 class CrawlConfig:
     image_size: int = 256
     resize_mode: str = "keep_ratio"  # no | border | keep_ratio | keep_ratio_largest | center_crop
@@ -314,3 +315,14 @@ def _validate(cfg: BuildConfig) -> None:
         fail("decontaminate.max_distance", "must be between 0 and 63")
     if cfg.train.loss not in ("clip", "siglip"):
         fail("train.loss", "must be clip or siglip")
+    for sec in ("precrawl_balance", "balance"):
+        b = getattr(cfg, sec)
+        if b.method not in ("auto", "duckdb", "ahocorasick"):
+            fail(f"{sec}.method", f"{b.method!r} is not one of auto, duckdb, ahocorasick")
+        for key in ("t", "target_size", "workers"):
+            if getattr(b, key) < 0:
+                fail(f"{sec}.{key}", "must be >= 0")
+        if b.enabled and not b.metadata:
+            fail(f"{sec}.metadata", "required when enabled (build one with `witforge metadata`)")
+        if b.enabled and not b.t and not b.target_size:
+            fail(f"{sec}.t", "set t (the per-entry cap) or target_size")
