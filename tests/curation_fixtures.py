@@ -103,7 +103,10 @@ def mark_done(cfg: BuildConfig, stage: str, rows: list[dict]) -> None:
     spec = next(s for s in STAGES if s.name == stage)
     d = cfg.run_dir / spec.folder
     d.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), d / "kept.parquet")
+    cols = {k: [r[k] for r in rows] for k in rows[0]}
+    table = pa.table({k: pa.array(v, pa.uint64()) if k == "phash" else pa.array(v)
+                      for k, v in cols.items()})
+    pq.write_table(table, d / "kept.parquet")
     (d / "report.json").write_text(json.dumps({"fingerprint": f"fixture-{len(rows)}",
                                                "kept": len(rows)}))
     (d / "_SUCCESS").write_text("")
