@@ -39,7 +39,10 @@ class IngestConfig:
 
 @dataclass
 class TextFilterConfig:
-    filters: list[str] = field(default_factory=list)  # .sql files (names or paths)
+    # shipped filter names (pipeline/sql/filters/) or .sql paths relative to the build file;
+    # every other key of this section is visible to the SQL as getvariable('<key>')
+    filters: list[str] = field(default_factory=list)
+    max_caption_repeats: int = 1000  # frequent_caption: captions on more distinct urls drop
 
 
 @dataclass
@@ -96,7 +99,9 @@ class CrawlConfig:
 
 @dataclass
 class ImageFilterConfig:
-    filters: list[str] = field(default_factory=list)
+    filters: list[str] = field(default_factory=list)  # as text_filter.filters
+    min_side: int = 200  # min_image_side: shorter original side in pixels
+    max_aspect_ratio: float = 3.0  # aspect_ratio: longer side / shorter side
 
 
 @dataclass
