@@ -164,8 +164,8 @@ def _entry_counts(con: duckdb.DuckDBPyConnection, out: Path) -> pa.Table:
                       GROUP BY m.entry_id) a USING (entry_id)
            ORDER BY count_before DESC, entry_id"""
     con.execute(f"COPY ({q}) TO '{_lit(out)}' (FORMAT parquet)")
-    return con.execute(f"SELECT * FROM read_parquet('{_lit(out)}') "
-                       "ORDER BY count_before DESC, entry_id").to_arrow_table()
+    return con.sql(f"SELECT * FROM read_parquet('{_lit(out)}') "
+                   "ORDER BY count_before DESC, entry_id").to_arrow_table()
 
 
 def _rows(counts: pa.Table, k: int, first: bool) -> list[dict[str, Any]]:
