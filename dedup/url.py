@@ -1,0 +1,73 @@
+"""url_dedup: canonicalize URLs and drop repeated (canonical url, caption) pairs.
+
+Canonical form (``dedup/sql/url_canonical.sql``): scheme and host lower-cased, default
+ports (:80, :443) and fragments removed, an empty path made '/', the tracking parameters
+listed in ``url_dedup.strip_params`` (case-insensitive) and empty parameters removed, and
+an empty query's '?' dropped. Two rows with the same canonical URL and the same caption are
+duplicates (cc2dataset's rule: the same image under another caption is another pair).
+
+Survivor: in each group of duplicates the row with the shortest URL, then the smallest
+uid, is kept; every other row is dropped with reason ``duplicate_url_caption`` and the
+survivor's uid in ``detail``. Kept rows keep their original URL (the crawl fetches what
+the manifest said) and every input column.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from tqdm import tqdm
+
+from pipeline.stage import StageContext, StageError
+
+SQL_DIR = Path(__file__).parent / "sql"
+REASON = "duplicate_url_caption"
+
+
+def _str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def strip_list(params: list[str]) -> str:
+    """The SQL list literal of lower-cased parameter names."""
+    return "[" + ", ".join(_str(p.lower()) for p in params) + "]::VARCHAR[]"
+
+
+def install_macros(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute((SQL_DIR / "url_canonical.sql").read_text())
+
+
+def canonical_urls(con: duckdb.DuckDBPyConnection, urls: list[str],
+                   strip_params: list[str]) -> list[str]:
+    """Canonical forms of ``urls`` (for tests and tools; the stage works in SQL)."""
+    install_macros(con)
+    return [r[0] for r in con.execute(
+        f"SELECT canonical_url(u, {strip_list(strip_params)}) FROM unnest(?) WITH ORDINALITY "
+        "AS t(u, i) ORDER BY i", [urls]).fetchall()]
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    if ctx.input_path is None:
+        raise StageError("url_dedup needs an upstream stage")
+    con = ctx.connect()
+    install_macros(con)
+    steps = tqdm(total=3, desc="url_dedup: key, compare, write", unit="step", file=sys.stderr)
+    script = (SQL_DIR / "url_dedup.sql").read_text()
+    script = script.replace("$input", _str(str(ctx.input_path)))
+    script = script.replace("$strip", strip_list(ctx.cfg.url_dedup.strip_params))
+    try:
+        con.execute(script)
+    except duckdb.Error as e:
+        raise StageError(f"url_dedup on {ctx.input_path}: {str(e).splitlines()[0]}") from e
+    steps.update(2)
+    con.execute(f"COPY (SELECT uid, {_str(ctx.spec.name)} AS stage, '{REASON}' AS reason, "
+                f"keeper AS detail FROM url_dups) TO '{ctx.dropped_path}' (FORMAT parquet)")
+    con.execute(f"COPY (SELECT i.* FROM read_parquet({_str(str(ctx.input_path))}) i "
+                f"ANTI JOIN url_dups USING (uid)) TO '{ctx.kept_path}' (FORMAT parquet)")
+    steps.update()
+    steps.close()
+    groups = con.execute("SELECT count(DISTINCT keeper) FROM url_dups").fetchall()[0][0]
+    return {"duplicate_groups": groups}
