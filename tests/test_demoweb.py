@@ -264,6 +264,14 @@ def test_refuses_non_loopback_host(pool_dir):
         DemoWeb(pool_dir, host="0.0.0.0")
 
 
+def test_demo_web_cli_names_a_missing_pool(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.demoweb import server
+
+    with pytest.raises(ConfigError, match="demo-data"):
+        server.main(["--pool", str(tmp_path)])
+
+
 def test_demo_web_cli_serves_until_ctrl_c(pool_dir):
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.demoweb.server", "--pool",
                              str(pool_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)

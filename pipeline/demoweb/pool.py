@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--make-fixture", action="store_true",
                    help="(maintainers) regenerate pipeline/demoweb/fixture from the packages")
     args = p.parse_args(argv)
+    if args.max_images < 1 or args.max_side < 16:
+        p.error("--max-images must be >= 1 and --max-side >= 16")
     if args.make_fixture:
         n = make_fixture()
         print(f"wrote {n} fixture images to {FIXTURE_DIR}")

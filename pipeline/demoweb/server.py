@@ -296,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slow-seconds", type=float, default=DEFAULT_SLOW_SECONDS,
                    help="delay of /f/slow/ responses (default %(default)s)")
     args = p.parse_args(argv)
+    if not (args.pool / "pool.parquet").is_file():
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"{args.pool / 'pool.parquet'} not found: run `witforge demo-data` "
+                          "first (or pass --pool)")
     with DemoWeb(args.pool, port=args.port, slow_seconds=args.slow_seconds) as web:
         print(f"demo web serving {len(web._server.pool.files)} images at {web.base_url} "
               "(Ctrl-C to stop)", flush=True)
