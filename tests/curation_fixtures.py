@@ -58,6 +58,7 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 
 def make_build(tmp: Path, extra_yaml: str = "") -> BuildConfig:
+    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "m.csv").write_text("url,caption\nhttp://127.0.0.1/a.jpg,a cat\n")
     (tmp / "b.yaml").write_text(
         f"name: t\nruns_dir: {tmp / 'runs'}\nsources:\n  - path: m.csv\n{extra_yaml}")
@@ -98,13 +99,16 @@ def crawl_run(cfg: BuildConfig, samples: list[tuple[str, str, bytes | None]],
     return rows
 
 
-def mark_done(cfg: BuildConfig, stage: str, rows: list[dict]) -> None:
-    """Make ``stage`` look finished with ``rows`` as its kept.parquet."""
+def mark_done(cfg: BuildConfig, stage: str, rows: list[dict],
+              template: dict | None = None) -> None:
+    """Make ``stage`` look finished with ``rows`` as its kept.parquet (``template``: a row
+    giving the columns when ``rows`` is empty)."""
     spec = next(s for s in STAGES if s.name == stage)
     d = cfg.run_dir / spec.folder
     d.mkdir(parents=True, exist_ok=True)
-    cols = {k: [r[k] for r in rows] for k in rows[0]}
-    table = pa.table({k: pa.array(v, pa.uint64()) if k == "phash" else pa.array(v)
+    cols = {k: [r[k] for r in rows] for k in (rows[0] if rows else template or {})}
+    table = pa.table({k: pa.array(v, pa.uint64() if k == "phash" else
+                                  pa.string() if not v else None)
                       for k, v in cols.items()})
     pq.write_table(table, d / "kept.parquet")
     (d / "report.json").write_text(json.dumps({"fingerprint": f"fixture-{len(rows)}",

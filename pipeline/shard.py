@@ -1,0 +1,185 @@
+"""Stage shard: the kept samples as WebDataset tars, sizes.json and a shard index.
+
+Output, inside the stage folder (so the runner's atomic rename covers it):
+
+* ``shard-000000.tar`` … — members ``<key>.jpg`` (the crawled bytes, unchanged; the extension
+  is the crawl's format), ``<key>.txt`` (caption, UTF-8) and ``<key>.json`` (every metadata
+  column, sorted keys; ``phash`` as 16 hex digits). ``shard.samples_per_shard`` per tar.
+* Order: a global shuffle by md5(uid, copy, seed), not a global RNG, so the tars depend only on
+  the rows and the seed. With ``shard.upsample`` k > 1 every uid is written k times, keys
+  ``<uid>_1`` … ``<uid>_k`` (each copy lands at its own place in the shuffle).
+* Byte-identical tars for the same inputs and seed: ustar headers with mtime 0, uid/gid 0, no
+  user/group names, mode 0444, written by :class:`TarWriter` (tarfile's header encoder, no
+  clock, no PAX records).
+* ``sizes.json`` as open_clip reads it ({tar name: samples}), ``index.parquet`` (uid, key,
+  copy, shard, member, position) and ``shards.parquet`` (shard, samples, bytes, sha256).
+
+kept.parquet = the input rows that were written, plus ``copies``. A row whose image member is
+missing from its crawl tar is dropped as ``unreadable_image``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from dedup.imagestore import KEY_COL, TAR_COL, ImageStore
+from pipeline.stage import StageContext, StageError
+
+_PLAN_SQL = (Path(__file__).parent / "sql" / "shard_plan.sql").read_text()
+_BLOCK = 512
+_RECORD = 20 * _BLOCK  # GNU tar and tarfile pad archives to 10 KiB records
+_NOT_META = {TAR_COL, KEY_COL}  # where the bytes were in the crawl; meaningless after sharding
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+class TarWriter:
+    """A minimal deterministic ustar writer that hashes what it writes."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.bytes = 0
+
+    def _put(self, b: bytes | memoryview) -> None:
+        self.f.write(b)
+        self.sha.update(b)
+        self.bytes += len(b)
+
+    def add(self, name: str, data: bytes) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mtime, ti.mode, ti.type = len(data), 0, 0o444, tarfile.REGTYPE
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        self._put(ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+        self._put(data)
+        pad = -len(data) % _BLOCK
+        if pad:
+            self._put(b"\0" * pad)
+
+    def close(self) -> str:
+        end = 2 * _BLOCK
+        end += -(self.bytes + end) % _RECORD
+        self._put(b"\0" * end)
+        return self.sha.hexdigest()
+
+
+def _json_value(col: str, v: Any) -> Any:
+    if col == "phash" and v is not None:
+        return f"{v:016x}"
+    return v
+
+
+def _index_members(con: Any, run_dir: Path, store: ImageStore) -> int:
+    tars = [r[0] for r in con.execute(
+        f"SELECT DISTINCT {TAR_COL} FROM src WHERE {TAR_COL} IS NOT NULL ORDER BY 1").fetchall()]
+    cols: dict[str, list] = {"tar": [], "key": [], "abs": [], "ext": [], "offset": [], "size": []}
+    for tar in tqdm(tars, desc="index crawl tars", unit="tar", leave=False):
+        path = str(run_dir / tar)
+        try:
+            members = store.members(path)
+        except ValueError as e:
+            raise StageError(f"shard: crawl tar {path}: {e}") from e
+        for m in members.values():
+            for k, v in (("tar", tar), ("key", m.key), ("abs", path), ("ext", m.ext),
+                         ("offset", m.offset), ("size", m.size)):
+                cols[k].append(v)
+    con.register("members_arrow", pa.table({
+        "tar": pa.array(cols["tar"], pa.string()), "key": pa.array(cols["key"], pa.string()),
+        "abs": pa.array(cols["abs"], pa.string()), "ext": pa.array(cols["ext"], pa.string()),
+        "offset": pa.array(cols["offset"], pa.int64()), "size": pa.array(cols["size"], pa.int64()),
+    }))
+    con.execute("CREATE TEMP TABLE members AS SELECT * FROM members_arrow")
+    return len(tars)
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    s = ctx.cfg.shard
+    con = ctx.connect()
+    con.execute(f"CREATE TEMP TABLE src AS SELECT * FROM read_parquet('{ctx.input_path}')")
+    cols = [r[0] for r in con.execute("DESCRIBE src").fetchall()]
+    for c in ("uid", "caption", TAR_COL, KEY_COL):
+        if c not in cols:
+            raise StageError(f"shard: {ctx.input_path} has no {c!r} column (the crawl's "
+                             f"tar/key locate each image)")
+    meta_cols = [c for c in cols if c not in _NOT_META]
+    started = time.time()
+    with ImageStore(max_open=256) as store:
+        n_tars = _index_members(con, ctx.cfg.run_dir, store)
+        con.execute(_PLAN_SQL, {"copies": s.upsample, "seed": s.seed})
+        total = con.execute("SELECT count(*) FROM shard_plan").fetchall()[0][0]
+        select_meta = ", ".join(f's."{c}"' for c in meta_cols)
+        cur = con.execute(
+            f"SELECT p.pos, p.sample_key, p.copy, p.abs, p.ext, p.\"offset\", p.size, "
+            f"{select_meta} FROM shard_plan p JOIN src s USING (uid) ORDER BY p.pos")
+        index: dict[str, list] = {k: [] for k in
+                                  ("uid", "key", "copy", "shard", "member", "position")}
+        shards: dict[str, list] = {"shard": [], "samples": [], "bytes": [], "sha256": []}
+        bar = tqdm(total=total, desc="shard", unit="sample", leave=False)
+        i = 0
+        while True:
+            batch = cur.fetchmany(s.samples_per_shard)
+            if not batch:
+                break
+            name = shard_name(i)
+            with open(ctx.out_dir / name, "wb", buffering=1 << 20) as f:
+                w = TarWriter(f)
+                for position, row in enumerate(batch):
+                    _, key, copy, path, ext, offset, size = row[:7]
+                    meta = {c: _json_value(c, v) for c, v in zip(meta_cols, row[7:],
+                                                                 strict=True)}
+                    meta["key"] = key
+                    w.add(f"{key}.{ext}", store.read(path, offset, size))
+                    w.add(f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False,
+                                                    separators=(",", ":"), default=str).encode())
+                    w.add(f"{key}.txt", (meta["caption"] or "").encode("utf-8"))
+                    for k, v in (("uid", meta["uid"]), ("key", key), ("copy", copy),
+                                 ("shard", name), ("member", f"{key}.{ext}"),
+                                 ("position", position)):
+                        index[k].append(v)
+                digest = w.close()
+            for k, v in (("shard", name), ("samples", len(batch)), ("bytes", w.bytes),
+                         ("sha256", digest)):
+                shards[k].append(v)
+            bar.update(len(batch))
+            i += 1
+        bar.close()
+    seconds = time.time() - started
+
+    pq.write_table(pa.table(index, schema=pa.schema([
+        ("uid", pa.string()), ("key", pa.string()), ("copy", pa.int32()), ("shard", pa.string()),
+        ("member", pa.string()), ("position", pa.int32())])), ctx.out_dir / "index.parquet")
+    pq.write_table(pa.table(shards, schema=pa.schema([
+        ("shard", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()),
+        ("sha256", pa.string())])), ctx.out_dir / "shards.parquet")
+    sizes = dict(zip(shards["shard"], shards["samples"], strict=True))
+    (ctx.out_dir / "sizes.json").write_text(json.dumps(sizes, indent=1))
+
+    con.execute(f"COPY (SELECT *, {int(s.upsample)}::INTEGER AS copies FROM src "
+                f"WHERE uid IN (SELECT uid FROM shard_plan) ORDER BY uid) "
+                f"TO '{ctx.kept_path}' (FORMAT parquet)")
+    con.execute(f"""COPY (
+        SELECT s.uid, '{ctx.spec.name}' AS stage, 'unreadable_image' AS reason,
+               'no image member ' || coalesce(s.{KEY_COL}, 'NULL') || ' in '
+               || coalesce(s.{TAR_COL}, 'NULL') AS detail
+        FROM src s ANTI JOIN members m ON m.tar = s.{TAR_COL} AND m.key = s.{KEY_COL}
+        ORDER BY s.uid) TO '{ctx.dropped_path}' (FORMAT parquet)""")
+    con.close()
+    written = sum(shards["bytes"])
+    return {
+        "shards": len(shards["shard"]), "samples_written": total, "upsample": s.upsample,
+        "seed": s.seed, "bytes_written": written, "source_tars": n_tars,
+        "shard_seconds": round(seconds, 3),
+        "mb_per_s": round(written / 1e6 / seconds, 1) if seconds > 0 else None,
+    }

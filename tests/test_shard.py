@@ -1,0 +1,120 @@
+"""Shard stage on real files: WebDataset tars read back by webdataset and GNU tar,
+byte-identical reruns, seed-driven order, upsampling, sizes.json, index and conservation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import subprocess
+
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from pipeline.stage import run_stage
+from tests.curation_fixtures import (
+    crawl_run,
+    drawn_image,
+    jpeg,
+    make_build,
+    mark_done,
+    read_parquet,
+)
+
+
+def _samples(n: int, seed: int = 0) -> list[tuple[str, str, bytes | None]]:
+    return [(hashlib.md5(f"{seed}-{i}".encode()).hexdigest(), f"caption {i} naïve café",
+             jpeg(drawn_image(1000 + i, 48), 80)) for i in range(n)]
+
+
+def _build(tmp_path, shard_yaml: str, samples):
+    cfg = make_build(tmp_path, f"shard:\n{shard_yaml}")
+    rows = crawl_run(cfg, samples, upstream="image_dedup", per_tar=6)
+    return cfg, rows
+
+
+def _tars(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.tar"))}
+
+
+def test_shards_read_back_and_are_deterministic(tmp_path):
+    samples = _samples(23)
+    cfg, rows = _build(tmp_path / "a", "  samples_per_shard: 5\n  seed: 7\n", samples)
+    report = run_stage(cfg, "shard", log=lambda s: None)
+    out = cfg.run_dir / "11_shard"
+    tars = _tars(out)
+    assert list(tars) == [f"shard-00000{i}.tar" for i in range(5)]
+    assert json.loads((out / "sizes.json").read_text()) == {
+        f"shard-00000{i}.tar": (5 if i < 4 else 3) for i in range(5)}
+    assert report["samples_written"] == 23 and report["shards"] == 5
+
+    # webdataset reads every sample back with the crawled bytes, caption and metadata
+    by_uid = {u: (c, d) for u, c, d in samples}
+    got = list(wds.WebDataset([str(out / n) for n in tars], shardshuffle=False))
+    assert sorted(s["__key__"] for s in got) == sorted(by_uid)
+    for s in got:
+        caption, data = by_uid[s["__key__"]]
+        assert s["jpg"] == data and s["txt"].decode() == caption
+        meta = json.loads(s["json"])
+        assert meta["uid"] == s["__key__"] and meta["url"].endswith(f"{meta['uid']}.jpg")
+        assert "tar" not in meta and meta["sha256"] == hashlib.sha256(data).hexdigest()
+    # the global order is a seeded shuffle, not the input order
+    assert [s["__key__"] for s in got] != [u for u, _, _ in samples]
+
+    # plain tar lists the same members, in the same order as the index
+    listing = subprocess.run(["tar", "-tf", str(out / "shard-000000.tar")], check=True,
+                             capture_output=True, text=True).stdout.split()
+    index = read_parquet(out / "index.parquet")
+    first = [r for r in index if r["shard"] == "shard-000000.tar"]
+    assert listing == [f"{r['key']}.{ext}" for r in first for ext in ("jpg", "json", "txt")]
+    assert [r["member"] for r in first] == [f"{r['key']}.jpg" for r in first]
+    verbose = subprocess.run(["tar", "-tvf", str(out / "shard-000001.tar")], check=True,
+                             capture_output=True, text=True).stdout
+    assert "1970-01-01" in verbose and "-r--r--r--" in verbose
+    for r in read_parquet(out / "shards.parquet"):
+        assert r["sha256"] == hashlib.sha256(tars[r["shard"]]).hexdigest()
+        assert r["bytes"] == len(tars[r["shard"]])
+
+    # a forced rerun, and another build with the input rows in another order: same bytes
+    run_stage(cfg, "shard", force=True, log=lambda s: None)
+    assert _tars(out) == tars
+    cfg_b, _ = _build(tmp_path / "b", "  samples_per_shard: 5\n  seed: 7\n", samples)
+    shuffled = rows[:]
+    random.Random(3).shuffle(shuffled)
+    mark_done(cfg_b, "image_dedup", shuffled)
+    run_stage(cfg_b, "shard", log=lambda s: None)
+    assert _tars(cfg_b.run_dir / "11_shard") == tars
+    # another seed: another order
+    cfg_c, _ = _build(tmp_path / "c", "  samples_per_shard: 5\n  seed: 8\n", samples)
+    run_stage(cfg_c, "shard", log=lambda s: None)
+    assert _tars(cfg_c.run_dir / "11_shard") != tars
+
+
+def test_upsampling_and_conservation(tmp_path):
+    samples = _samples(7, seed=1) + [("f" * 32, "image lost from the tar", None)]
+    cfg, _ = _build(tmp_path, "  samples_per_shard: 4\n  upsample: 3\n", samples)
+    report = run_stage(cfg, "shard", log=lambda s: None)
+    out = cfg.run_dir / "11_shard"
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sum(sizes.values()) == 21 and len(sizes) == 6 and sizes["shard-000005.tar"] == 1
+    keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")),
+                                                  shardshuffle=False)]
+    assert sorted(keys) == sorted(f"{u}_{c}" for u, _, d in samples if d for c in (1, 2, 3))
+    kept = read_parquet(out / "kept.parquet")
+    assert sorted(r["uid"] for r in kept) == sorted(u for u, _, d in samples if d)
+    assert {r["copies"] for r in kept} == {3} and "caption" in kept[0]
+    dropped = read_parquet(out / "dropped.parquet")
+    assert [(d["uid"], d["reason"]) for d in dropped] == [("f" * 32, "unreadable_image")]
+    assert report["rows_in"] == len(kept) + len(dropped) == 8
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    assert len(index) == 21 and {r["copy"] for r in index} == {1, 2, 3}
+
+
+def test_empty_input_writes_no_shards(tmp_path):
+    cfg, rows = _build(tmp_path, "  samples_per_shard: 4\n", _samples(2))
+    mark_done(cfg, "image_dedup", [], template=rows[0])
+    report = run_stage(cfg, "shard", log=lambda s: None)
+    out = cfg.run_dir / "11_shard"
+    assert report["shards"] == 0 and report["kept"] == 0 and report["dropped"] == 0
+    assert json.loads((out / "sizes.json").read_text()) == {}
+    assert not list(out.glob("*.tar"))
