@@ -105,6 +105,8 @@ def blocked_kind(ip: IPAddress | str) -> str:
         if inner is not None:
             kind = blocked_kind(inner)
             return f"{kind} (embedded in {ip})" if kind else ""
+        if ip.is_unspecified or ip.is_loopback:
+            return "unspecified" if ip.is_unspecified else "loopback"
         if ip in _NAT64_LOCAL or (ip in _IPV4_COMPAT):
             return "reserved"
         if ip.is_site_local:
@@ -114,8 +116,8 @@ def blocked_kind(ip: IPAddress | str) -> str:
         ("loopback", ip.is_loopback),
         ("link_local", ip.is_link_local),
         ("multicast", ip.is_multicast),
-        ("private", ip.is_private),
         ("reserved", ip.is_reserved),
+        ("private", ip.is_private),
         ("shared", isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT),
         ("not_global", not ip.is_global),
     )

@@ -11,6 +11,7 @@ It serves the faults of the real web that hurt an unguarded crawler, each at a f
     /robots.txt          disallows /private/ for witforge, everything for "badbot"
     /private/x.png       an image that robots.txt forbids
     /headers-drip        sends the status line and then drips headers
+    /sleep?s=0.3         an image after a pause (counts requests in flight: ``max_inflight``)
 
 A second instance on another port stands in for the "internal service" a redirect must never
 reach. Only ever binds to loopback.
@@ -76,11 +77,24 @@ class _Handler(BaseHTTPRequestHandler):
                     path.startswith("/img/"):
                 self._send(200, srv.png)
             elif path == "/robots.txt":
-                self._send(200, ROBOTS, "text/plain")
+                if srv.robots_status == 200:
+                    self._send(200, ROBOTS, "text/plain")
+                else:
+                    self._send(srv.robots_status, b"no robots here", "text/plain")
+            elif path == "/sleep":
+                with srv.lock:
+                    srv.inflight += 1
+                    srv.max_inflight = max(srv.max_inflight, srv.inflight)
+                try:
+                    srv.closing.wait(float(parse_qs(url.query).get("s", ["0.3"])[0]))
+                finally:
+                    with srv.lock:
+                        srv.inflight -= 1
+                self._send(200, srv.png)
             elif path == "/drip":
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
-                self.send_header("Content-Length", str(10**6))
+                self.send_header("Content-Length", "50000")  # under any cap: only time ends it
                 self.end_headers()
                 while not srv.closing.is_set():
                     self.wfile.write(b"x")
@@ -120,8 +134,12 @@ class _Handler(BaseHTTPRequestHandler):
 class HostileServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, port: int = 0, drip_interval: float = 1.0, retry_after: int = 2):
+    def __init__(self, port: int = 0, drip_interval: float = 1.0, retry_after: int = 2,
+                 robots_status: int = 200):
         super().__init__(("127.0.0.1", port), _Handler)
+        self.robots_status = robots_status
+        self.lock = threading.Lock()
+        self.inflight = self.max_inflight = 0
         self.drip_interval = drip_interval
         self.retry_after = retry_after
         self.png = tiny_png()

@@ -197,3 +197,26 @@ class GuardProxy:
                 return dict(e["summary"])
             counts[e["reason"]] = counts.get(e["reason"], 0) + 1
         return counts
+
+
+def crawl_timeout(crawl: Any) -> int:
+    """img2dataset's ``timeout`` for a crawl: behind the guard it must outlast the proxy's own
+    bounds (see client_timeout); without the guard it is crawl.timeout as configured."""
+    if not crawl.guard:
+        return int(crawl.timeout)
+    return max(int(crawl.timeout), client_timeout(settings_from_crawl(crawl)))
+
+
+@contextmanager
+def guarded_env(crawl: Any, env: dict[str, str], events_path: str | Path | None = None,
+                ) -> Iterator[dict[str, str]]:
+    """``env`` routed through a running GuardProxy when ``crawl.guard`` is on (the proxy
+    lives as long as the ``with`` block); ``env`` unchanged when it is off."""
+    if not crawl.guard:
+        yield env
+        return
+    with GuardProxy(settings_from_crawl(crawl), events_path=events_path) as proxy:
+        out = {k: v for k, v in env.items()
+               if k.lower() not in ("no_proxy", "all_proxy") and not k.lower().endswith("_proxy")}
+        out.update(proxy.env())
+        yield out
