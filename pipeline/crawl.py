@@ -46,6 +46,16 @@ SQL = Path(__file__).parent / "sql" / "crawl_merge.sql"
 # specific patterns go before general ones. Messages come from urllib (HTTPError, URLError,
 # socket errors), img2dataset's downloader (X-Robots-Tag, hash) and its resizer.
 ERROR_REASONS: list[tuple[str, str]] = [
+    # The safe-crawl guard (pipeline/guard) names its refusals in the reason phrase:
+    # "HTTP Error 403: witforge-guard blocked_address http://...". urllib itself refuses
+    # redirects to file:// and other schemes.
+    (r"witforge-guard blocked_address", "blocked_address"),
+    (r"witforge-guard blocked_scheme|Redirection to url '.*' is not allowed", "blocked_scheme"),
+    (r"witforge-guard deadline_exceeded", "deadline_exceeded"),
+    (r"witforge-guard body_too_large", "body_too_large"),
+    (r"witforge-guard domain_busy", "domain_busy"),
+    (r"witforge-guard dns_error", "dns_error"),
+    (r"witforge-guard (connect_error|upstream_error|bad_response)", "connection_error"),
     (r"X-Robots-Tag", "disallowed_header"),
     (r"redirect error that would lead to an infinite loop", "redirect_loop"),
     (r"^HTTP Error 404\b", "http_404"),

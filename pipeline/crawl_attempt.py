@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.config import BuildConfig
+from pipeline.guard.proxy import crawl_timeout, guarded_env
 from pipeline.stage import StageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def download_kwargs(cfg: BuildConfig, attempt: Attempt) -> dict[str, Any]:
         "min_image_size": c.min_image_size,
         "max_image_area": c.max_image_area,
         "max_aspect_ratio": c.max_aspect_ratio,
-        "timeout": c.timeout,
+        "timeout": crawl_timeout(c),  # behind the guard: longer than its deadline (guard/)
         "retries": c.retries,
         "processes_count": c.processes_count,
         "thread_count": c.thread_count,
@@ -190,7 +191,10 @@ def run_attempt(cfg: BuildConfig, attempt: Attempt) -> None:
     total = attempt.rows()
     per_shard = cfg.crawl.number_sample_per_shard
     for _ in range(2):  # a second pass retries shards img2dataset gave up on
-        with open(attempt.log, "ab") as log, tqdm(
+        # Safe crawl (issue 5): with crawl.guard, every request of the worker goes through a
+        # guarding proxy on loopback (http_proxy/https_proxy in its env); see pipeline/guard.
+        with guarded_env(cfg.crawl, worker_env(cfg), attempt.folder / "guard.jsonl") as env, \
+                open(attempt.log, "ab") as log, tqdm(
             total=total, desc=f"crawl attempt {attempt.number}", unit="img", file=sys.stderr,
             mininterval=1.0, dynamic_ncols=True,
         ) as bar:
@@ -199,7 +203,7 @@ def run_attempt(cfg: BuildConfig, attempt: Attempt) -> None:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.crawl_worker", str(job)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=worker_env(cfg), cwd=attempt.folder, start_new_session=True,
+                env=env, cwd=attempt.folder, start_new_session=True,
             )
             (attempt.folder / "worker.pid").write_text(str(proc.pid))
             try:
