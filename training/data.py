@@ -51,8 +51,12 @@ def expand_shards(spec: str | Path | list[str]) -> list[str]:
         urls = sorted(str(p) for p in Path(spec).glob("*.tar"))
     else:
         urls = expand_urls(spec)
-    if not urls:
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if not urls or len(missing) == len(urls):
         raise ValueError(f"no shards found in {spec}")
+    if missing:
+        raise ValueError(f"{spec}: {len(missing)} shard(s) missing, e.g. {missing[0]}")
     return urls
 
 

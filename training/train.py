@@ -102,6 +102,12 @@ def train_step(model, loss_fn, micro_batches, autocast) -> torch.Tensor:
     return loss.detach()
 
 
+def clamp_logit_scale(model: torch.nn.Module) -> None:
+    """Keep exp(logit_scale) <= 100 after every optimizer step, as CLIP does."""
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
 def batch_fingerprint(keys: list[str]) -> str:
     return hashlib.sha1("\n".join(keys).encode()).hexdigest()[:12]
 
@@ -206,8 +212,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
         (scaler.step(optimizer), scaler.update()) if scaler is not None else optimizer.step()
         scheduler.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        clamp_logit_scale(model)
         step += 1
         seen_this_run += global_batch
 
