@@ -43,7 +43,7 @@ METHODS = ("auto", "duckdb", "ahocorasick")
 # Chosen by bench/bench_balance.py (see README performance rows): on 2 cores the batched
 # automaton is faster than the token join and needs no spill; duckdb stays for pools whose
 # match table would not fit in memory per batch (it never does here: batches are bounded).
-AUTO_METHOD = "ahocorasick"
+AUTO_METHOD = "duckdb"
 MATCH_SCHEMA = pa.schema([("uid", pa.string()), ("entry_id", pa.int64())])
 
 
