@@ -64,10 +64,10 @@ class BalanceConfig:
     target_size: int = 0
     seed: int = 0
     method: str = "auto"  # auto | duckdb | ahocorasick
+    workers: int = 0  # matching processes for the ahocorasick method; 0 = CPU count
 
 
 @dataclass
-    workers: int = 0  # matching processes for the ahocorasick method; 0 = CPU count
 class CrawlConfig:
     image_size: int = 256
     resize_mode: str = "keep_ratio"  # no | border | keep_ratio | keep_ratio_largest | center_crop
@@ -126,6 +126,7 @@ class ShardConfig:
     samples_per_shard: int = 1000
     seed: int = 0
     upsample: int = 1
+    workers: int = 2  # processes writing shards side by side (same bytes for any number)
 
 
 @dataclass
@@ -316,6 +317,8 @@ def _validate(cfg: BuildConfig) -> None:
         fail("image_dedup.phash_bands", "must be between 1 and 64 (0 = max distance + 1)")
     if cfg.image_dedup.workers < 1:
         fail("image_dedup.workers", "must be >= 1")
+    if cfg.shard.workers < 1:
+        fail("shard.workers", "must be >= 1")
     if not 0 <= cfg.decontaminate.max_distance <= 63:
         fail("decontaminate.max_distance", "must be between 0 and 63")
     if cfg.train.loss not in ("clip", "siglip"):
