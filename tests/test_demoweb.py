@@ -75,6 +75,9 @@ def test_fixture_pool_has_real_images_captions_and_a_heldout_split(pool_dir, row
     assert 0.04 < held / len(rows) < 0.2
     assert len({r["image_id"] for r in rows}) == len(rows)
     assert not any("mnist" in r["category"] or "fashion" in r["category"] for r in rows)
+    # Other tests serve the committed fixture folder itself as a pool: its split must agree.
+    fx = pq.read_table(poolmod.FIXTURE_DIR / "pool.parquet").to_pylist()
+    assert [(r["image_id"], r["split"]) for r in fx] == [(r["image_id"], r["split"]) for r in rows]
 
 
 def test_pool_build_is_idempotent_and_rebuilds_on_new_settings(tmp_path, capsys):
