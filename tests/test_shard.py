@@ -118,3 +118,49 @@ def test_empty_input_writes_no_shards(tmp_path):
     assert report["shards"] == 0 and report["kept"] == 0 and report["dropped"] == 0
     assert json.loads((out / "sizes.json").read_text()) == {}
     assert not list(out.glob("*.tar"))
+
+
+def test_fast_ustar_header_equals_tarfile():
+    import tarfile
+
+    from pipeline.shard import ustar_header
+
+    for name, size in [("a.jpg", 0), (f"{'ab' * 16}_12.json", 123456), ("x" * 100, 5),
+                       ("d" * 120 + "/y.txt", 77), ("é.txt", 8**11 - 1)]:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = (
+            size, 0, 0o444, 0, 0, "", "")
+        assert ustar_header(name, size) == ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+
+
+def test_fast_tar_index_equals_tarfile(tmp_path):
+    import tarfile
+
+    from dedup.imagestore import _scan_ustar, index_tar
+    from tests.curation_fixtures import write_tar
+
+    plain, long = tmp_path / "plain.tar", tmp_path / "long.tar"
+    members = [(f"{i:05d}.jpg", jpeg(drawn_image(i, 32))) for i in range(5)]
+    write_tar(plain, members + [("00001.txt", b"caption"), ("sub/00009.png", b"\x89PNG")])
+    write_tar(long, members + [("z" * 150 + ".jpg", b"data")])  # needs a pax record
+    assert _scan_ustar(long) is None  # falls back to tarfile
+    for path in (plain, long):
+        with tarfile.open(path) as tf:
+            ref = {m.name: (m.offset_data, m.size) for m in tf if m.isfile()}
+        got = index_tar(path)
+        assert {f"{m.key}.{m.ext}": (m.offset, m.size) for m in got.values()} == {
+            k: v for k, v in ref.items() if not k.endswith(".txt")}
+
+
+def test_worker_processes_write_the_same_bytes(tmp_path, monkeypatch):
+    import pipeline.shard
+
+    monkeypatch.setattr(pipeline.shard, "_MIN_PARALLEL_SAMPLES", 0)
+    samples = _samples(11, seed=2)
+    one, _ = _build(tmp_path / "one", "  samples_per_shard: 3\n  workers: 1\n", samples)
+    two, _ = _build(tmp_path / "two", "  samples_per_shard: 3\n  workers: 2\n", samples)
+    assert run_stage(one, "shard", log=lambda s: None)["workers"] == 1
+    assert run_stage(two, "shard", log=lambda s: None)["workers"] == 2
+    assert _tars(one.run_dir / "11_shard") == _tars(two.run_dir / "11_shard")
+    assert (read_parquet(one.run_dir / "11_shard" / "index.parquet")
+            == read_parquet(two.run_dir / "11_shard" / "index.parquet"))
