@@ -317,14 +317,6 @@ def _validate(cfg: BuildConfig) -> None:
         fail("image_dedup.phash_bands", "must be between 1 and 64 (0 = max distance + 1)")
     if cfg.image_dedup.workers < 1:
         fail("image_dedup.workers", "must be >= 1")
-    if not 0 <= cfg.decontaminate.max_distance <= 63:
-        fail("decontaminate.max_distance", "must be between 0 and 63")
-    if not 0 <= cfg.image_dedup.phash_max_distance <= 63:
-        fail("image_dedup.phash_max_distance", "must be between 0 and 63 (bits of a 64-bit hash)")
-    if not 0 <= cfg.image_dedup.phash_bands <= 64:
-        fail("image_dedup.phash_bands", "must be between 1 and 64 (0 = max distance + 1)")
-    if cfg.image_dedup.workers < 1:
-        fail("image_dedup.workers", "must be >= 1")
     if cfg.shard.workers < 1:
         fail("shard.workers", "must be >= 1")
     if not 0 <= cfg.decontaminate.max_distance <= 63:
