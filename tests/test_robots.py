@@ -1,0 +1,112 @@
+"""robots.txt: the RFC 9309 matcher, and the robots stage on a real server through the guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from pipeline.config import load_build
+from pipeline.guard.hostile import HostileServer
+from pipeline.guard.robotstxt import RobotsRules, origin_of, path_of
+from pipeline.stage import kept_of, run_stage
+
+WIKI_LIKE = """
+# comments are ignored
+User-agent: *
+Disallow: /w/
+Disallow: /api/
+Allow: /w/load.php
+Disallow: /*.pdf$
+Disallow: /search*q=
+
+User-agent: witforge
+User-agent: otherbot
+Disallow: /private/
+Allow: /private/public/
+
+user-agent: WITFORGE
+disallow: /also-private
+Disallow:
+"""
+
+
+@pytest.mark.parametrize("path,token,allowed", [
+    ("/private/x.png", "witforge", False),
+    ("/private/public/x.png", "witforge", True),  # the longer Allow wins
+    ("/also-private/y", "witforge", False),  # groups for one agent are merged
+    ("/w/index.php", "witforge", True),  # our own group replaces '*'
+    ("/w/index.php", "somebot", False),
+    ("/w/load.php", "somebot", True),
+    ("/doc.pdf", "somebot", False), ("/doc.pdf?x=1", "somebot", True),  # '$' anchors
+    ("/search/a?q=cat", "somebot", False),  # '*' inside a rule
+    ("/robots.txt", "somebot", True),
+    ("/", "somebot", True),
+    ("/private/x.png", "WitForge", False),  # agents match case-insensitively
+    ("/private/x.png", "witforgebot", True),  # ...but exactly: not a substring
+])
+def test_rfc9309_matching(path: str, token: str, allowed: bool) -> None:
+    assert RobotsRules(WIKI_LIKE).verdict(path, token)[0] is allowed
+
+
+def test_allow_wins_a_tie_and_percent_encoding_is_normalized() -> None:
+    r = RobotsRules("User-agent: *\nDisallow: /a\nAllow: /a\nDisallow: /b~c\n")
+    assert r.verdict("/a/x", "bot")[0] is True
+    assert r.verdict("/b%7Ec", "bot")[0] is False
+    assert RobotsRules("").verdict("/anything", "bot") == (True, None)
+
+
+def test_origin_and_path() -> None:
+    assert origin_of("HTTP://Example.com:80/a?b") == "http://example.com"
+    assert origin_of("https://x.org:8443/p") == "https://x.org:8443"
+    assert origin_of("file:///etc/passwd") is None
+    assert path_of("http://x/a/b?c=d#frag") == "/a/b?c=d"
+
+
+def _build(tmp: Path, urls: list[str], allow: list[str]) -> Path:
+    (tmp / "m.jsonl").write_text("".join(json.dumps({"url": u, "caption": f"c{i}"}) + "\n"
+                                         for i, u in enumerate(urls)))
+    y = tmp / "b.yaml"
+    y.write_text(f"name: r\nruns_dir: {tmp / 'runs'}\nsources: [{{path: m.jsonl}}]\n"
+                 f"url_dedup: {{enabled: false}}\n"
+                 f"crawl: {{robots: true, request_deadline: 1.0, allow_hosts: {allow}}}\n")
+    return y
+
+
+def test_robots_stage_drops_disallowed_urls_once_per_site(tmp_path: Path) -> None:
+    with HostileServer() as web, HostileServer(robots_status=404) as open_site, \
+            HostileServer(robots_status=503) as down, HostileServer() as internal:
+        urls = [web.base_url + p for p in ("/ok.png", "/private/x.png", "/private/ok.png",
+                                           "/nobody/x.png")]
+        urls += [open_site.base_url + "/private/x.png", down.base_url + "/ok.png",
+                 internal.base_url + "/ok.png"]
+        allow = [f"127.0.0.1:{s.port}" for s in (web, open_site, down)]
+        cfg = load_build(_build(tmp_path, urls, allow))
+        for stage in ("ingest", "text_filter"):
+            run_stage(cfg, stage)
+        report = run_stage(cfg, "robots")
+        dropped = duckdb.sql(f"SELECT reason, detail FROM "
+                             f"'{kept_of(cfg, 'robots').parent / 'dropped.parquet'}'").fetchall()
+        kept = {r[0] for r in duckdb.sql(f"SELECT url FROM '{kept_of(cfg, 'robots')}'").fetchall()}
+        assert kept == {web.base_url + "/ok.png", web.base_url + "/private/ok.png",
+                        web.base_url + "/nobody/x.png",  # the '*' group does not apply to us
+                        open_site.base_url + "/private/x.png"}  # 404: no rules at all
+        assert sorted(r for r, _ in dropped) == ["blocked_address", "robots_disallowed",
+                                                 "robots_disallowed"]
+        details = dict((d.split(" ")[0].rstrip(":"), r) for r, d in dropped)
+        assert details[web.base_url + "/private/x.png"] == "robots_disallowed"
+        assert details[down.base_url + "/robots.txt"] == "robots_disallowed"  # 503: RFC 9309
+        assert details[internal.base_url + "/ok.png"] == "blocked_address"  # URL in detail
+        assert any("'Disallow: /private/'" in d for _, d in dropped)
+        assert report["rows_in"] == report["kept"] + report["dropped"] == len(urls)
+        assert report["origins"] == 4 and report["robots_fetched"] == 4
+        assert internal.hits == []  # not even robots.txt was asked of the internal service
+        assert web.hits.count("/robots.txt") == 1
+
+        # A rerun (forced) answers from the build's cache: no site is asked twice.
+        again = run_stage(cfg, "robots", force=True)
+        assert again["robots_fetched"] == 0 and again["robots_cached"] == 4
+        assert web.hits.count("/robots.txt") == 1
+        assert again["kept"] == report["kept"]
