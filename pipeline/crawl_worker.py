@@ -42,6 +42,13 @@ def main(argv: list[str]) -> int:
         kwargs = json.load(f)
     from img2dataset import download
 
+    if kwargs.get("distributor") == "pyspark":
+        # img2dataset would build a local[N] session itself; one made here first is picked
+        # up instead, and takes its master from the environment (PYSPARK_SUBMIT_ARGS=
+        # "--master spark://host:7077 pyspark-shell", spark-defaults.conf), so a cluster works.
+        from pyspark.sql import SparkSession
+
+        SparkSession.builder.appName("witforge-crawl").getOrCreate()
     download(**kwargs)
     return 0
 
