@@ -1,0 +1,112 @@
+"""`witforge demo`: the demo build end to end on a local demo web of real images.
+
+Assembles the pool (Debian packages, or the committed fixture), starts the demo
+web on 127.0.0.1, writes the manifests as real sources come, runs every enabled
+stage, then trains and evaluates, and prints the funnel and the results.
+The web lives only as long as this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from pipeline.config import BuildConfig, load_build
+from pipeline.ledger import print_audit
+from pipeline.stage import STAGE_NAMES, enabled_stages, run_stage
+
+# A fixed preferred port keeps the manifests (and so every stage's fingerprint) stable
+# between runs; a busy port falls back to a free one and the manifests follow.
+PREFERRED_PORT = 47811
+
+
+def _free(port: int) -> bool:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _write_if_changed(src_dir: Path, dst_dir: Path) -> None:
+    """Copy generated manifests only where bytes differ, so unchanged sources keep mtimes."""
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    for f in src_dir.iterdir():
+        target = dst_dir / f.name
+        if not target.exists() or target.read_bytes() != f.read_bytes():
+            shutil.copyfile(f, target)
+
+
+def data_dir_for(cfg: BuildConfig) -> Path:
+    """The demo data folder: the folder holding the manifests' `manifests/` folder."""
+    return cfg.resolve(cfg.sources[0].path).parent.parent
+
+
+def prepare_side_data(cfg: BuildConfig, pool_dir: Path, data_dir: Path) -> None:
+    """Eval sets (held out from the web) and the balance metadata, made once."""
+    from pipeline import metadata
+    from training.evalsets import write_demo_eval_sets
+
+    eval_dir = data_dir / "eval"
+    if not (eval_dir / "missing.json").exists():
+        made = write_demo_eval_sets(pool_dir, eval_dir)
+        print(f"demo eval sets: {', '.join(made) or 'none'} in {eval_dir}")
+    # Sets that could not be made here (no Fashion-MNIST package) are left out of this run.
+    have = lambda p: (cfg.resolve(p) / "test").is_dir()  # noqa: E731
+    cfg.decontaminate.eval_sets = [p for p in cfg.decontaminate.eval_sets if have(p)]
+    cfg.eval.zeroshot = [p for p in cfg.eval.zeroshot if have(p)]
+    cfg.eval.retrieval = [p for p in cfg.eval.retrieval if have(p)]
+    if cfg.balance.enabled and cfg.balance.metadata:
+        meta = cfg.resolve(cfg.balance.metadata)
+        if not meta.exists():
+            args = ["--out", str(meta)]
+            if not Path(metadata.DEFAULT_WORDNET).is_dir():
+                args.append("--no-wordnet")
+            metadata.main(args)
+
+
+def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True) -> int:
+    from pipeline.demoweb.manifests import write_manifests
+    from pipeline.demoweb.pool import assemble_pool
+    from pipeline.demoweb.server import DemoWeb
+
+    t0 = time.time()
+    data_dir = data_dir_for(cfg)
+    pool_dir = assemble_pool(data_dir)
+    prepare_side_data(cfg, pool_dir, data_dir)
+    port = PREFERRED_PORT if _free(PREFERRED_PORT) else 0
+    with DemoWeb(pool_dir, port=port) as web:
+        print(f"demo web serving {pool_dir} at {web.base_url}")
+        with tempfile.TemporaryDirectory() as tmp:
+            write_manifests(pool_dir, web.base_url, Path(tmp))
+            _write_if_changed(Path(tmp), data_dir / "manifests")
+        # The demo web is on loopback: let exactly its host:port through the crawl guard.
+        cfg.crawl.allow_hosts = [web.host_port]
+        for spec in enabled_stages(cfg):
+            run_stage(cfg, spec.name)
+            if spec.name == until:
+                break
+    ok = print_audit(cfg)
+    if train and until is None:
+        from training.demo import train_and_evaluate
+
+        train_and_evaluate(cfg, data_dir)
+    print(f"\nmake demo finished in {time.time() - t0:.0f}s; outputs under {cfg.run_dir}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="witforge demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--build", default="manifests/demo.yaml", help="the demo build YAML")
+    p.add_argument("--until", choices=STAGE_NAMES, help="stop after this data stage")
+    p.add_argument("--no-train", action="store_true", help="skip training and evaluation")
+    args = p.parse_args(argv)
+    cfg = load_build(args.build)
+    return run_demo(cfg, until=args.until, train=not args.no_train)
