@@ -36,7 +36,7 @@ def _rows(out: Path) -> list[dict]:
 def _args(shards, out, *extra, workers=0):
     return ["--train-data", str(shards), "--model", "witforge-micro", "--batch-size", "8",
             "--out", str(out), "--warmup", "2", "--lr", "1e-3", "--workers", str(workers),
-            *extra]
+            "--threads", "1", *extra]
 
 
 def test_small_run_writes_metrics_plot_and_checkpoints_open_clip_loads(shards, tmp_path):
@@ -97,7 +97,8 @@ def test_two_process_torchrun_matches_one_process_on_the_same_global_batch(shard
             "--steps", "3", "--save-every", "100"]
     one = tmp_path / "one"
     assert main(["--train-data", str(shards), "--model", "witforge-micro", "--batch-size",
-                 "16", "--out", str(one), "--workers", "0", "--warmup", "1", *data]) == 0
+                 "16", "--out", str(one), "--workers", "0", "--warmup", "1", "--threads", "1",
+                 *data]) == 0
     two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -46,6 +46,7 @@ class TrainOptions:
     zeroshot: list[str] = field(default_factory=list)
     retrieval: list[str] = field(default_factory=list)
     templates: str = "openai"
+    threads: int = 0  # torch intra-op threads per process (0 = torch's default)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,6 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--zeroshot", nargs="+", help="zero-shot classification sets (CLIP_benchmark layout)")
     a("--retrieval", nargs="+", help="retrieval sets (CLIP_benchmark layout)")
     a("--templates", choices=["openai", "simple", "dataset"])
+    a("--threads", type=int, help="torch threads per process (0 = torch's default); 1 is "
+      "fastest on a busy machine")
     return p
 
 

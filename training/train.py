@@ -296,11 +296,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_options(sys.argv[1:] if argv is None else argv)
+    threads = torch.get_num_threads()
     try:
+        if opts.threads > 0:
+            torch.set_num_threads(opts.threads)
         summary = train(opts)
     except ValueError as e:
         print(f"witforge train: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside a test process
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(json.dumps(summary, indent=1))
     if dist.is_initialized():

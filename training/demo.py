@@ -1,0 +1,118 @@
+"""The end of `make demo`: train the same recipe on the raw crawl and on the curated shards,
+at equal samples seen, and evaluate both against chance on the held-out sets.
+
+This is the product's reason to exist, measured, whichever way it goes: the table is
+printed and written to runs/<build>/eval/summary.md (+ .json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import BuildConfig
+from pipeline.stage import get_spec, kept_of, stage_dir
+from training.evaluate import retrieval, zero_shot
+from training.model import load_for_inference
+from training.options import PRECISIONS, TrainOptions
+from training.train import train
+
+
+def raw_crawl_tars(cfg: BuildConfig) -> list[str]:
+    """The crawl's own webdataset tars: every image downloaded, before any curation."""
+    import duckdb
+
+    from pipeline.crawl import image_tar
+
+    tars = duckdb.sql(f"SELECT DISTINCT tar FROM '{kept_of(cfg, 'crawl')}' ORDER BY 1").fetchall()
+    return [str(image_tar(cfg, t)) for (t,) in tars]
+
+
+def options_for(cfg: BuildConfig, data: list[str], out: Path) -> TrainOptions:
+    o = TrainOptions()
+    for f in dataclasses.fields(cfg.train):
+        if hasattr(o, f.name):
+            setattr(o, f.name, getattr(cfg.train, f.name))
+    o.precision = PRECISIONS[o.precision]
+    o.train_data, o.out = data, str(out)
+    return o
+
+
+def _train_once(o: TrainOptions) -> dict[str, Any]:
+    """Train unless the same options already produced a final model (make-like rerun)."""
+    out = Path(o.out)
+    summary, opts = out / "summary.json", out / "options.json"
+    if (summary.exists() and opts.exists() and (out / "model.pt").exists()
+            and json.loads(opts.read_text()) == json.loads(json.dumps(o.to_dict()))):
+        print(f"[train] {out} up to date, skipped")
+        return json.loads(summary.read_text())
+    return train(o)
+
+
+def _evaluate(cfg: BuildConfig, model_path: Path, out: Path) -> list[dict[str, Any]]:
+    net, preprocess, tokenizer = load_for_inference(cfg.train.model, model_path)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for d in cfg.eval.zeroshot:
+        r = zero_shot(net, preprocess, tokenizer, cfg.resolve(d), cfg.eval.templates)
+        results.append(r)
+    for d in cfg.eval.retrieval:
+        results.append(retrieval(net, preprocess, tokenizer, cfg.resolve(d)))
+    for r in results:
+        (out / f"{r['dataset']}_{r['task']}.json").write_text(json.dumps(r, indent=1))
+    return results
+
+
+def _rows(results: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    names = list(results)
+    for i, r in enumerate(results[names[0]]):
+        if r["task"] == "zeroshot_classification":
+            metric, chance = "top-1", f"{r['chance_top1']:.3f}"
+            vals = [results[n][i]["top1"] for n in names]
+        else:
+            metric, chance = "i2t R@1", f"{r['chance_R1']:.3f}"
+            vals = [results[n][i]["image_to_text_R@1"] for n in names]
+        rows.append((r["dataset"], metric, chance, *[f"{v:.3f}" for v in vals]))
+        if r["task"] == "zeroshot_retrieval":
+            vals = [results[n][i]["text_to_image_R@5"] for n in names]
+            rows.append((r["dataset"], "t2i R@5", f"{min(1.0, 5 * r['chance_R1']):.3f}",
+                         *[f"{v:.3f}" for v in vals]))
+    return rows
+
+
+def train_and_evaluate(cfg: BuildConfig, data_dir: Path | None = None) -> dict[str, Any]:
+    """Curated vs raw at equal samples seen; returns and writes the comparison."""
+    runs = {
+        "curated": [str(stage_dir(cfg, get_spec("shard")))],
+        "raw_crawl": raw_crawl_tars(cfg),
+    }
+    results: dict[str, list[dict[str, Any]]] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    for name, data in runs.items():
+        out = cfg.run_dir / ("train" if name == "curated" else f"train_{name}")
+        print(f"\n[train] {name}: {cfg.train.model}, {cfg.train.steps} steps x batch "
+              f"{cfg.train.batch_size} on {len(data)} source(s)", file=sys.stderr)
+        summaries[name] = _train_once(options_for(cfg, data, out))
+        results[name] = _evaluate(cfg, out / "model.pt", cfg.run_dir / "eval" / name)
+    header = ("eval set", "metric", "chance", *runs)
+    rows = _rows(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    seen = {n: s.get("steps", 0) * s.get("global_batch", 0) for n, s in summaries.items()}
+    lines.append("")
+    lines.append("samples seen: " + ", ".join(f"{n} {v:,}" for n, v in seen.items())
+                 + f"; model {cfg.train.model}")
+    table = "\n".join(lines)
+    out = cfg.run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(table + "\n")
+    payload = {"results": results, "train": summaries, "samples_seen": seen}
+    (out / "summary.json").write_text(json.dumps(payload, indent=1, default=str))
+    print("\nEvaluation: the same recipe on the raw crawl vs the curated shards")
+    print(table)
+    print(f"(written to {out / 'summary.md'}; curves in {cfg.run_dir / 'train' / 'curves.png'})")
+    return payload
