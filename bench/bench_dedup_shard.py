@@ -47,10 +47,18 @@ def _crawl_like_jpegs(n: int) -> tuple[list[bytes], str]:
     if not files:
         files, origin = sorted(FIXTURE.glob("*.jpg")), "demo fixture"
     random.Random(0).shuffle(files)
-    out = []
-    for f in files[:n]:
-        with Image.open(f) as im:
+    out: list[bytes] = []
+    for f in files:
+        if len(out) >= n:
+            break
+        try:
+            im = Image.open(f)
+            if im.width * im.height > 16_000_000:
+                continue  # a few posters are huge; the crawl would have thumbnailed them
             im = im.convert("RGBA")
+        except (OSError, Image.DecompressionBombError):
+            continue
+        with im:
             bg = Image.new("RGB", im.size, "white")
             bg.paste(im, mask=im.getchannel("A"))
             bg.thumbnail((256, 256)) if max(bg.size) > 256 else None
