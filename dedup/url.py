@@ -36,28 +36,31 @@ def strip_list(params: list[str]) -> str:
     return "[" + ", ".join(_str(p.lower()) for p in params) + "]::VARCHAR[]"
 
 
-def install_macros(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute((SQL_DIR / "url_canonical.sql").read_text())
+def canonical_sql(src: str, strip_params: list[str]) -> str:
+    """A SELECT over relation ``src`` (with a column url) adding column canon (NULL where url
+    is canonical already)."""
+    return (SQL_DIR / "url_canonical.sql").read_text().format(
+        src=src, strip=strip_list(strip_params))
 
 
 def canonical_urls(con: duckdb.DuckDBPyConnection, urls: list[str],
                    strip_params: list[str]) -> list[str]:
     """Canonical forms of ``urls`` (for tests and tools; the stage works in SQL)."""
-    install_macros(con)
+    src = "(SELECT u AS url, i FROM unnest(?) WITH ORDINALITY AS t(u, i))"
     return [r[0] for r in con.execute(
-        f"SELECT canonical_url(u, {strip_list(strip_params)}) FROM unnest(?) WITH ORDINALITY "
-        "AS t(u, i) ORDER BY i", [urls]).fetchall()]
+        f"SELECT coalesce(canon, url) FROM ({canonical_sql(src, strip_params)}) ORDER BY i",
+        [urls]).fetchall()]
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     if ctx.input_path is None:
         raise StageError("url_dedup needs an upstream stage")
     con = ctx.connect()
-    install_macros(con)
     steps = tqdm(total=3, desc="url_dedup: key, compare, write", unit="step", file=sys.stderr)
-    script = (SQL_DIR / "url_dedup.sql").read_text()
-    script = script.replace("$input", _str(str(ctx.input_path)))
-    script = script.replace("$strip", strip_list(ctx.cfg.url_dedup.strip_params))
+    source = f"read_parquet({_str(str(ctx.input_path))}, file_row_number = true)"
+    script = (SQL_DIR / "url_dedup.sql").read_text().format(
+        canonical=canonical_sql(source, ctx.cfg.url_dedup.strip_params),
+        input=_str(str(ctx.input_path)))
     try:
         con.execute(script)
     except duckdb.Error as e:
@@ -65,8 +68,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     steps.update(2)
     con.execute(f"COPY (SELECT uid, {_str(ctx.spec.name)} AS stage, '{REASON}' AS reason, "
                 f"keeper AS detail FROM url_dups) TO '{ctx.dropped_path}' (FORMAT parquet)")
-    con.execute(f"COPY (SELECT i.* FROM read_parquet({_str(str(ctx.input_path))}) i "
-                f"ANTI JOIN url_dups USING (uid)) TO '{ctx.kept_path}' (FORMAT parquet)")
+    con.execute(f"COPY (SELECT * EXCLUDE (file_row_number) FROM {source} "
+                f"ANTI JOIN url_dups ON file_row_number = rn) TO '{ctx.kept_path}' "
+                "(FORMAT parquet)")
     steps.update()
     steps.close()
     groups = con.execute("SELECT count(DISTINCT keeper) FROM url_dups").fetchall()[0][0]

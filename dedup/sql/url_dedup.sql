@@ -1,25 +1,29 @@
--- Exact url+caption dedup on the canonical URL (as cc2dataset does), in three passes.
--- Needs: macro canonical_url (url_canonical.sql); $input (Parquet), $strip (list of names).
--- 1. a 64-bit hash of (canonical url, caption) per row: narrow, so the group-by is cheap;
+-- Exact url+caption dedup on the canonical URL (as cc2dataset does).
+-- Placeholders (str.format): canonical = url_canonical.sql over the input read with
+-- file_row_number=true, input = the input path. Rows are addressed by their row number in
+-- the input file (a BIGINT) rather than by uid: the per-row table stays narrow.
+-- 1. per row: a 64-bit hash of (canonical url, caption), the url length (the survivor rule),
+--    and the canonical url only where it differs from url (NULL for most rows);
 CREATE OR REPLACE TEMP TABLE url_keys AS
-SELECT uid, hash(canonical_url(url, $strip), caption) AS h
-FROM read_parquet($input);
+SELECT file_row_number AS rn, hash(coalesce(canon, url), caption) AS h,
+       length(url) AS url_len, canon
+FROM ({canonical});
 
 -- 2. only rows whose hash repeats can be duplicates; for them compare the real strings,
 --    so a hash collision can never drop a pair. The survivor of a group is the row with the
 --    shortest URL (usually the one without tracking junk), then the smallest uid: a rule that
 --    depends on nothing but the rows themselves, not on their order or partitioning.
 CREATE OR REPLACE TEMP TABLE url_dups AS
-WITH repeated AS (
-    SELECT h FROM url_keys GROUP BY h HAVING count(*) > 1
-), cand AS (
-    SELECT i.uid, i.url, i.caption, canonical_url(i.url, $strip) AS canon
-    FROM read_parquet($input) i
-    SEMI JOIN (SELECT uid FROM url_keys SEMI JOIN repeated USING (h)) c USING (uid)
+WITH cand AS (
+    SELECT rn, url_len, canon FROM url_keys
+    WHERE h IN (SELECT h FROM url_keys GROUP BY h HAVING count(*) > 1)
+), full_cand AS (
+    SELECT c.rn, i.uid, c.url_len, coalesce(c.canon, i.url) AS canon, i.caption
+    FROM cand c JOIN read_parquet({input}, file_row_number = true) i
+        ON i.file_row_number = c.rn
 ), ranked AS (
-    SELECT uid,
-           first(uid ORDER BY length(url), uid)
-               OVER (PARTITION BY canon, caption) AS keeper
-    FROM cand
+    SELECT rn, uid,
+           first(uid ORDER BY url_len, uid) OVER (PARTITION BY canon, caption) AS keeper
+    FROM full_cand
 )
-SELECT uid, keeper FROM ranked WHERE uid <> keeper;
+SELECT rn, uid, keeper FROM ranked WHERE uid <> keeper;
