@@ -307,6 +307,16 @@ def _validate(cfg: BuildConfig) -> None:
     for key in ("timeout", "processes_count", "thread_count", "number_sample_per_shard"):
         if getattr(cfg.crawl, key) <= 0:
             fail(f"crawl.{key}", "must be positive")
+    # Safe-crawl guard (pipeline/guard)
+    for key in ("request_deadline", "max_body_bytes", "per_domain_concurrency"):
+        if not getattr(cfg.crawl, key) > 0:
+            fail(f"crawl.{key}", "must be positive")
+    if not cfg.crawl.per_domain_rps >= 0:
+        fail("crawl.per_domain_rps", "must be >= 0 (0 = unlimited)")
+    for i, entry in enumerate(cfg.crawl.allow_hosts):
+        host, sep, port = entry.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            fail(f"crawl.allow_hosts[{i}]", f"{entry!r} is not host:port (e.g. 127.0.0.1:8000)")
     if cfg.shard.samples_per_shard <= 0:
         fail("shard.samples_per_shard", "must be positive")
     if cfg.shard.upsample < 1:

@@ -94,3 +94,19 @@ def test_host_port_and_normalize() -> None:
     for bad in ("file:///etc/passwd", "ftp://x/y", "http:///nohost"):
         with pytest.raises(ValueError):
             host_port(bad)
+
+
+@pytest.mark.parametrize("yaml_crawl,key", [
+    ("{request_deadline: 0}", "crawl.request_deadline"),
+    ("{max_body_bytes: -1}", "crawl.max_body_bytes"),
+    ("{per_domain_concurrency: 0}", "crawl.per_domain_concurrency"),
+    ("{per_domain_rps: -1}", "crawl.per_domain_rps"),
+    ("{allow_hosts: ['127.0.0.1']}", "crawl.allow_hosts[0]"),
+])
+def test_guard_settings_are_validated(tmp_path, yaml_crawl: str, key: str) -> None:
+    from pipeline.config import ConfigError, load_build
+
+    y = tmp_path / "b.yaml"
+    y.write_text(f"name: t\nsources: [{{path: m.jsonl}}]\ncrawl: {yaml_crawl}\n")
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_build(y)
