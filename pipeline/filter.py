@@ -195,11 +195,13 @@ def fate_sql(filters: list[Filter]) -> str:
 def _drop_table(con: duckdb.DuckDBPyConnection, filters: list[Filter],
                 stage: str) -> pa.Table:
     names = "[" + ", ".join("'" + f.name.replace("'", "''") + "'" for f in filters) + "]"
+    have = {r[0] for r in con.execute("DESCRIBE pairs").fetchall()}
+    keys = ", ".join(k for k in ("uid", "_row") if k in have)
     try:
         return con.sql(
-            f"SELECT uid::VARCHAR AS uid, '{stage}' AS stage, {names}[abs(fate)] AS reason, "
+            f"SELECT {keys}, '{stage}' AS stage, {names}[abs(fate)] AS reason, "
             "CASE WHEN fate < 0 THEN 'null' ELSE 'false' END AS detail "
-            f"FROM (SELECT uid, {fate_sql(filters)} AS fate FROM pairs) "
+            f"FROM (SELECT {keys}, {fate_sql(filters)} AS fate FROM pairs) "
             "WHERE fate IS NOT NULL").to_arrow_table()
     except duckdb.Error as e:
         # The combined query failed at run time (a cast, a UDF): find the filter that fails.
@@ -210,6 +212,25 @@ def _drop_table(con: duckdb.DuckDBPyConnection, filters: list[Filter],
                 raise _error(f, e2) from None
         raise StageError(f"{stage}: filters {', '.join(f.name for f in filters)}: "
                          f"{str(e).splitlines()[0]}") from None
+
+
+def columns_needed(filters: list[Filter], columns: list[str]) -> list[str]:
+    """The input columns the filters can refer to: a column whose name appears nowhere in
+    their SQL cannot be read by it, so it is not loaded (uid, url and source are most of
+    the bytes a caption filter would otherwise copy). ``*`` or COLUMNS(…) loads all."""
+    text = _strip_literals("\n".join(f.sql for f in filters))
+    if "*" in text or re.search(r"\bcolumns\s*\(", text, re.IGNORECASE):
+        return list(columns)
+    needed = [c for c in columns
+              if re.search(rf"(?<![\w$]){re.escape(c)}(?![\w$])", text, re.IGNORECASE)]
+    if any(f.is_query for f in filters) and "uid" in columns and "uid" not in needed:
+        needed.append("uid")  # query filters return uids
+    return needed
+
+
+def _strip_literals(sql: str) -> str:
+    """SQL without its string literals and comments (a '*' in a regex is no SELECT *)."""
+    return re.sub(r"'(?:[^']|'')*'|--[^\n]*|/\*.*?\*/", " ", sql, flags=re.DOTALL)
 
 
 def apply_filters(con: duckdb.DuckDBPyConnection, filters: list[Filter],
@@ -235,19 +256,25 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.write_empty_dropped(con)
         return {"filters": []}
     steps = tqdm(total=3, desc=f"{section}: load, filter, write", unit="step", file=sys.stderr)
-    sandbox = open_sandbox(ctx.cfg, {"pairs": ctx.input_path}, variables_of(ctx.cfg, section))
+    names = pq.read_schema(ctx.input_path).names
+    sandbox = open_sandbox(ctx.cfg, {"pairs": ctx.input_path}, variables_of(ctx.cfg, section),
+                           columns={"pairs": columns_needed(filters, names)})
     steps.update()
-    dropped = apply_filters(sandbox, filters, section)
+    dropped = apply_filters(sandbox, filters, section).select(["_row", "reason", "detail"])
     sandbox.close()
     steps.update()
-    pq.write_table(dropped, ctx.dropped_path)
-    # The kept rows are written by an ordinary connection, straight from the input Parquet:
-    # native Parquet writing, and every input column carried forward.
+    # Both outputs are written by an ordinary connection straight from the input Parquet,
+    # matched on row position: native Parquet writing, every input column carried forward,
+    # and exactly one outcome per row even if a uid were repeated.
     con = ctx.connect()
-    con.register("dropped", dropped.select(["uid"]))
-    con.execute(f"COPY (SELECT p.* FROM read_parquet('{ctx.input_path}') p "
-                f"ANTI JOIN dropped USING (uid)) TO '{ctx.kept_path}' "
-                "(FORMAT parquet)")
+    con.register("dropped_rows", dropped)
+    source = f"read_parquet('{ctx.input_path}', file_row_number = true)"
+    con.execute(f"COPY (SELECT i.uid::VARCHAR AS uid, '{section}' AS stage, d.reason, d.detail "
+                f"FROM {source} i JOIN dropped_rows d ON i.file_row_number = d._row) "
+                f"TO '{ctx.dropped_path}' (FORMAT parquet)")
+    con.execute(f"COPY (SELECT * EXCLUDE (file_row_number) FROM {source} "
+                f"ANTI JOIN dropped_rows d ON file_row_number = d._row) "
+                f"TO '{ctx.kept_path}' (FORMAT parquet)")
     steps.update()
     steps.close()
     by_filter = {f.name: 0 for f in filters}

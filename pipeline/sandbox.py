@@ -83,18 +83,27 @@ def _literal(value: Any) -> str:
 
 
 def open_sandbox(cfg: BuildConfig | None, tables: dict[str, Path | pa.Table],
-                 variables: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
+                 variables: dict[str, Any] | None = None,
+                 columns: dict[str, list[str]] | None = None) -> duckdb.DuckDBPyConnection:
     """A connection holding ``tables`` (Parquet paths or Arrow tables) and ``variables``
-    (read with ``getvariable('name')``), with file, network and extension access off."""
+    (read with ``getvariable('name')``), with file, network and extension access off.
+
+    A table loaded from Parquet also has column ``_row``, the row's position in the file,
+    and only the ``columns`` listed for it (all when not listed)."""
     con = connect(cfg) if cfg is not None else duckdb.connect()
     for name, src in tables.items():
+        cols = (columns or {}).get(name)
+        select = ", ".join(f'"{c}"' for c in cols) if cols is not None else "*"
+        if not select:
+            select = "NULL AS _none"  # no filter reads a column (e.g. random() < 0.5)
         if isinstance(src, pa.Table):
             con.register(f"_arrow_{name}", src)
-            con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM "_arrow_{name}"')
+            con.execute(f'CREATE TABLE "{name}" AS SELECT {select} FROM "_arrow_{name}"')
             con.unregister(f"_arrow_{name}")
         else:
             path = str(src).replace("'", "''")
-            con.execute(f"CREATE TABLE \"{name}\" AS SELECT * FROM read_parquet('{path}')")
+            con.execute(f"CREATE TABLE \"{name}\" AS SELECT {select}, file_row_number AS _row "
+                        f"FROM read_parquet('{path}', file_row_number = true)")
     for key, value in (variables or {}).items():
         con.execute(f"SET VARIABLE {key} = {_literal(value)}")
     register_functions(con)

@@ -12,7 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import ConfigError, load_build
-from pipeline.filter import apply_filters, main, resolve_filter, shipped_filters
+from pipeline.filter import (
+    apply_filters,
+    columns_needed,
+    load_filter,
+    main,
+    resolve_filter,
+    shipped_filters,
+)
 from pipeline.sandbox import open_sandbox
 from pipeline.stage import StageError, get_spec, kept_of, run_stage, stage_dir
 
@@ -47,8 +54,10 @@ def test_shipped_filters_are_listed() -> None:
 
 def test_caption_length() -> None:
     _check_filter("caption_length",
-                  keep=["a red apple", "dog on grass", "  three short words  "],
-                  drop=["two words", "a b c", "hi", "", "   ", "abcdefghijkl"])
+                  keep=["a red apple", "dog on grass", "  three short words  ", "a b cd",
+                        "日本 の 夜景", "a\tb  c d"],
+                  drop=["two words", "a b c", "  a b c  ", "日 本 語", "hi", "", "   ",
+                        "abcdefghijkl"])
 
 
 def test_caption_length_null_drops_with_null_detail() -> None:
@@ -112,6 +121,18 @@ def test_frequent_caption_is_a_query_filter() -> None:
     assert fate["x0"] == fate["x1"] == "kept"
 
 
+def test_only_the_columns_filters_name_are_loaded(tmp_path: Path) -> None:
+    cols = ["uid", "url", "caption", "source", "width"]
+    text = [resolve_filter(None, n) for n in ("caption_length", "junk_caption")]
+    assert columns_needed(text, cols) == ["caption"]
+    assert columns_needed(text + [resolve_filter(None, "frequent_caption")], cols) == [
+        "uid", "url", "caption"]
+    (tmp_path / "star.sql").write_text("SELECT * FROM pairs WHERE width > 3")
+    assert columns_needed([load_filter(tmp_path / "star.sql")], cols) == cols
+    (tmp_path / "lit.sql").write_text("regexp_matches(caption, 'a*b')")
+    assert columns_needed([load_filter(tmp_path / "lit.sql")], cols) == ["caption"]
+
+
 def test_first_failing_filter_in_list_order_records_the_drop() -> None:
     rows = _captions(["IMG_1234.jpg", "visit www.example.com now", "le chat noir sur le toit"])
     a = _fate(rows, ["caption_length", "junk_caption", "english"])
@@ -156,26 +177,32 @@ def test_text_filter_stage_after_real_ingest(tmp_path: Path) -> None:
             "http://h.org/3.jpg,two words",
             "http://h.org/4.jpg,a black cat on a red sofa",
             "http://h.org/5.jpg,le chat noir dort sur le toit de la maison",
-            "http://h.org/6.jpg,Click here to see the full size image"]
+            "http://h.org/6.jpg,Click here to see the full size image",
+            "http://h.org/7.jpg,a red apple on a table",
+            "http://h.org/8.jpg,A red apple on a table"]
     y = _build(tmp_path, "text_filter:\n  filters: [caption_length, junk_caption, "
-               "mine/no_cats.sql, english]\nurl_dedup:\n  enabled: false\n")
+               "mine/no_cats.sql, english, frequent_caption]\n  max_caption_repeats: 1\n"
+               "url_dedup:\n  enabled: false\n")
     (tmp_path / "m.csv").write_text("url,caption\n" + "\n".join(rows) + "\n")
     cfg = load_build(y)
     run_stage(cfg, "ingest", log=lambda s: None)
     report = run_stage(cfg, "text_filter", log=lambda s: None)
     kept = duckdb.sql(f"SELECT url, caption, source FROM '{kept_of(cfg, 'text_filter')}'"
                       ).fetchall()
-    assert kept == [("http://h.org/1.jpg", "a red apple on a table", "m")]
+    assert kept == []  # the apple is on 3 urls: frequent_caption (max 1) drops all three
     reasons = sorted(r[2] for r in _ledger(cfg, "text_filter"))
-    assert reasons == ["caption_length", "caption_length", "english", "junk_caption",
-                       "no_cats"]
-    assert report["rows_in"] == 6 == report["kept"] + report["dropped"]
+    assert reasons == ["caption_length", "caption_length", "english", "frequent_caption",
+                       "frequent_caption", "frequent_caption", "junk_caption", "no_cats"]
+    assert report["rows_in"] == 8 == report["kept"] + report["dropped"]
     assert report["dropped_by_filter"]["no_cats"] == 1
     assert {r[1] for r in _ledger(cfg, "text_filter")} == {"text_filter"}
     # editing the user's filter file makes the stage run again instead of being skipped
     (tmp_path / "mine" / "no_cats.sql").write_text("NOT contains(caption, 'apple')\n")
     again = run_stage(cfg, "text_filter", log=lambda s: None)
-    assert not again.get("skipped") and again["dropped_by_filter"]["no_cats"] == 1
+    assert not again.get("skipped") and again["dropped_by_filter"]["no_cats"] == 3
+    uids = duckdb.sql(f"SELECT uid FROM '{kept_of(cfg, 'ingest')}' ORDER BY uid").fetchall()
+    kept_uids = duckdb.sql(f"SELECT uid FROM '{kept_of(cfg, 'text_filter')}'").fetchall()
+    assert sorted([(u,) for u, *_ in _ledger(cfg, "text_filter")] + kept_uids) == uids
 
 
 def test_image_filter_stage_carries_every_column(tmp_path: Path) -> None:
