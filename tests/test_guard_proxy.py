@@ -114,6 +114,10 @@ def test_non_http_urls_are_refused_by_the_proxy(proxy) -> None:
     for url in ("file:///etc/passwd", "ftp://127.0.0.1/x"):
         out, _ = fetch(proxy, url)
         assert reason(out) == "blocked_scheme", out
+    # data: is routed to the proxy too and fails inside urllib (img2dataset catches any
+    # exception), instead of being decoded locally
+    with pytest.raises(TypeError):
+        proxy.opener().open("data:text/plain;base64,aGVsbG8=", timeout=5)
 
 
 @pytest.mark.parametrize("host", ["2130706433", "0x7f000001", "0177.0.0.1", "127.1",
