@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "balance.json"
@@ -85,7 +86,7 @@ def make_pool(path: Path, rows: int, seed: int = 0) -> None:
 
 # One method, in a fresh process: prints {"seconds", "matches", "peak_rss_mb"} as JSON.
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 method, pool, entries, out, workers, mem = sys.argv[1:7]
 import duckdb, pyarrow.parquet as pq
@@ -117,23 +118,57 @@ else:
     con.execute(f"SET memory_limit='{mem}'; SET threads={int(workers)}")
     con.execute(f"SET temp_directory='{out}.spill'; SET preserve_insertion_order=false")
     n = match.match_parquet(con, Path(pool), E, Path(out), method, int(workers))
-sec = time.perf_counter() - t0
-rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-          resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-print(json.dumps({"seconds": sec, "matches": n, "peak_rss_mb": round(rss)}))
+print(json.dumps({"seconds": time.perf_counter() - t0, "matches": n}))
 """
+
+
+def _tree_rss_mb(root: int) -> float:
+    """Resident memory of a process and all its descendants, from /proc (Linux)."""
+    parent, rss = {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            rss[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo.extend(c for c, pp in parent.items() if pp == p and c not in tree)
+    return sum(rss.get(p, 0) for p in tree) / 2**20
+
+
+def run_child(args: list[str]) -> dict:
+    """Run a Python child; return its last stdout line (JSON) plus the peak RSS of its tree.
+
+    ru_maxrss is useless here: Linux carries it over fork+exec from this (large) parent.
+    """
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, env=env,
+                             cwd=root, text=True)
+        peak = 0.0
+        while p.poll() is None:
+            peak = max(peak, _tree_rss_mb(p.pid))
+            time.sleep(0.5)
+        out.seek(0)
+        err.seek(0)
+        if p.returncode != 0:
+            raise RuntimeError(f"bench child {args[:3]} failed:\n{err.read()[-3000:]}")
+        r = json.loads(out.read().strip().splitlines()[-1])
+    r["peak_rss_mb"] = round(peak)
+    return r
 
 
 def run_method(method: str, pool: Path, entries: Path, out: Path, workers: int,
                mem: str) -> dict:
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    p = subprocess.run([sys.executable, "-c", _CHILD, method, str(pool), str(entries),
-                        str(out), str(workers), mem], capture_output=True, text=True, env=env,
-                       cwd=root)
-    if p.returncode != 0:
-        raise RuntimeError(f"bench method {method} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_child(["-c", _CHILD, method, str(pool), str(entries), str(out), str(workers),
+                      mem])
 
 
 def same_pairs(a: Path, b: Path) -> int:
@@ -169,13 +204,23 @@ def run_stage_bench(pool: Path, entries: Path, work: Path, rows: int, mem: str,
                               "expected_kept", "actual_kept", "matches", "method")}
 
 
+_STAGE_CHILD = r"""
+import json, sys
+from pathlib import Path
+from bench.bench_balance import run_stage_bench
+pool, entries, work, rows, mem = sys.argv[1:6]
+r = run_stage_bench(Path(pool), Path(entries), Path(work), int(rows), mem, "auto")
+print(json.dumps(r))
+"""
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench_balance", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1M captions instead of 10M")
     ap.add_argument("--rows", type=int, default=0, help="override the caption count")
     ap.add_argument("--workers", type=int, default=2, help="processes / DuckDB threads")
     ap.add_argument("--memory-limit", default="2GB", help="DuckDB memory_limit (spills beyond)")
-    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "witforge_bench"),
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "witforge_bench_balance"),
                     help="where the generated pool and entries are kept between runs")
     args = ap.parse_args(argv)
     rows = args.rows or (1_000_000 if args.quick else 10_000_000)
@@ -207,8 +252,8 @@ def main(argv: list[str]) -> int:
         fastest = max(("ahocorasick", "duckdb"),
                       key=lambda m: res["methods"][m]["captions_per_s"])
         res["fastest_method"] = fastest
-        res["stage"] = run_stage_bench(pool, entries, Path(tmp) / "stage", rows,
-                                       args.memory_limit, "auto")
+        res["stage"] = run_child(["-c", _STAGE_CHILD, str(pool), str(entries),
+                                  str(Path(tmp) / "stage"), str(rows), args.memory_limit])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
