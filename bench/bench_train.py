@@ -1,0 +1,108 @@
+"""Training throughput: witforge's loop (loader + train step) against a bare open_clip step.
+
+Peer: the same model (witforge-tiny), open_clip's ClipLoss and AdamW on the same batches
+already in memory — no data pipeline, no logging, no checkpoints. Goal: ours >= 0.9x the peer,
+i.e. the streaming loader keeps up. Also: loader samples/s for one worker (decode +
+preprocess + tokenize, no model).
+
+    python -m bench.bench_train [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results" / "train.json"
+
+
+def bare_open_clip_steps(batches, arch: str) -> float:
+    """Samples/s of model + ClipLoss + AdamW alone (steady state, after 2 warm-up steps)."""
+    from open_clip.loss import ClipLoss
+
+    import training.model as M
+
+    torch.manual_seed(0)
+    model, _, _, _ = M.create(arch)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.2)
+    loss_fn = ClipLoss()
+    times = []
+    for images, texts in batches:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        img, txt, scale = model(images, texts)
+        loss_fn(img, txt, scale).backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    steady = times[2:]
+    return len(steady) * batches[0][0].shape[0] / sum(steady)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv if argv is not None else sys.argv[1:])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from training.data import LoaderConfig, make_loader
+    from training.model import create
+    from training.toydata import write_toy_shards
+    from training.train import main as train_main
+
+    arch = "witforge-tiny"
+    batch, steps = (32, 10) if a.quick else (64, 30)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "shards"
+        write_toy_shards(shards, batch * 8, per_shard=batch * 2, size=96)
+        _, train_pre, _, tok = create(arch)
+
+        # Loader alone, one worker (in process): decode + preprocess + tokenize.
+        it = iter(make_loader(LoaderConfig([str(shards)], batch_size=batch, workers=0),
+                              train_pre, tok))
+        next(it)
+        t0 = time.perf_counter()
+        n_load = 6 if a.quick else 15
+        kept = [next(it)[:2] for _ in range(n_load)]
+        loader_sps = n_load * batch / (time.perf_counter() - t0)
+
+        # Peer: bare open_clip steps on batches from the same shards, preloaded.
+        bare = [kept[i % len(kept)] for i in range(steps)]
+        peer_sps = bare_open_clip_steps(bare, arch)
+
+        # Ours: the whole loop (1 loader worker), steady state from its per-step timings.
+        out = Path(tmp) / "run"
+        train_main(["--train-data", str(shards), "--model", arch, "--batch-size", str(batch),
+                    "--steps", str(steps), "--workers", "1", "--save-every", str(steps),
+                    "--out", str(out), "--warmup", "2"])
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        steady = rows[2:]
+        ours_sps = len(steady) * batch / sum(r["step_s"] for r in steady)
+        data_wait = sum(r["data_s"] for r in steady) / sum(r["step_s"] for r in steady)
+
+    result = {
+        "area": "train", "command": "python -m bench.bench_train" + (" --quick" if a.quick else ""),
+        "model": arch, "batch_size": batch, "steps": steps,
+        "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "ours_samples_per_s": round(ours_sps, 2),
+        "peer_bare_open_clip_samples_per_s": round(peer_sps, 2),
+        "ratio": round(ours_sps / peer_sps, 3), "goal_ratio": 0.9,
+        "ours_data_wait_fraction": round(data_wait, 3),
+        "loader_samples_per_s_per_worker": round(loader_sps, 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "quick": a.quick,
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
