@@ -145,6 +145,11 @@ class TrainConfig:
     workers: int = 1
     save_every: int = 100
     seed: int = 0
+    keep: int = 2  # step checkpoints kept in runs/<build>/train/checkpoints/
+    resampled: bool = True  # draw shards with replacement; false = passes over the shards
+    shuffle_buffer: int = 1000
+    eval_every: int = 0  # 0 = only at the end when eval sets are configured
+    threads: int = 0  # torch threads per process (0 = torch's default)
 
 
 @dataclass
@@ -333,6 +338,10 @@ def _validate(cfg: BuildConfig) -> None:
         fail("decontaminate.max_distance", "must be between 0 and 63")
     if cfg.train.loss not in ("clip", "siglip"):
         fail("train.loss", "must be clip or siglip")
+    if cfg.train.precision not in ("fp32", "bf16", "fp16", "amp", "amp_bf16"):
+        fail("train.precision", "must be fp32, bf16 or fp16 (fp16 needs a CUDA device)")
+    if cfg.eval.templates not in ("openai", "simple", "dataset"):
+        fail("eval.templates", "must be openai, simple or dataset")
     for sec in ("precrawl_balance", "balance"):
         b = getattr(cfg, sec)
         if b.method not in ("auto", "duckdb", "ahocorasick"):

@@ -87,7 +87,8 @@ def _parser() -> argparse.ArgumentParser:
       help="split the data across ranks/workers by shard or by sample")
     a("--no-augment", action="store_true", default=None,
       help="train with the eval preprocess (no random crop)")
-    a("--eval-every", type=int, help="evaluate every N steps and at the end (0 = never)")
+    a("--eval-every", type=int, help="with eval sets: also evaluate every N steps (always at "
+      "the end)")
     a("--zeroshot", nargs="+", help="zero-shot classification sets (CLIP_benchmark layout)")
     a("--retrieval", nargs="+", help="retrieval sets (CLIP_benchmark layout)")
     a("--templates", choices=["openai", "simple", "dataset"])
@@ -112,8 +113,6 @@ def parse_options(argv: list[str]) -> TrainOptions:
         o.zeroshot = [str(cfg.resolve(p)) for p in cfg.eval.zeroshot]
         o.retrieval = [str(cfg.resolve(p)) for p in cfg.eval.retrieval]
         o.templates = cfg.eval.templates
-        if (o.zeroshot or o.retrieval) and not o.eval_every:
-            o.eval_every = max(1, o.save_every)
     for key, value in vars(args).items():
         if key != "build" and value is not None:
             setattr(o, key, value)

@@ -232,7 +232,8 @@ def train(o: TrainOptions) -> dict[str, Any]:
 
         if step % o.save_every == 0 or step == stop:
             _save(o, model, optimizer, scheduler, scaler, step, position, world, ckpt_dir)
-        if main_proc and o.eval_every and (step % o.eval_every == 0 or step == stop):
+        wants_eval = (o.eval_every and step % o.eval_every == 0) or step == stop
+        if main_proc and (o.zeroshot or o.retrieval) and wants_eval:
             _evaluate(o, model, eval_pre, tokenizer, device, step, metrics_path)
     bar.close()
 
