@@ -95,11 +95,13 @@ def match_batch(auto: ahocorasick.Automaton | None, uids: pa.Array | pa.ChunkedA
         return MATCH_SCHEMA.empty_table()
     rows = np.searchsorted(starts, flat[0::2], side="right") - 1
     eids = flat[1::2]
-    width = int(eids.max()) + 1
-    key = np.unique(rows * width + eids)
+    order = np.lexsort((eids, rows))  # distinct pairs; entry_ids may be any int64
+    rows, eids = rows[order], eids[order]
+    first = np.ones(rows.size, dtype=bool)
+    first[1:] = (rows[1:] != rows[:-1]) | (eids[1:] != eids[:-1])
     uids = pa.chunked_array([uids]) if isinstance(uids, pa.Array) else uids
-    return pa.table({"uid": pc.cast(uids.take(pa.array(key // width)), pa.string()),
-                     "entry_id": pa.array(key % width, pa.int64())}, schema=MATCH_SCHEMA)
+    return pa.table({"uid": pc.cast(uids.take(pa.array(rows[first])), pa.string()),
+                     "entry_id": pa.array(eids[first], pa.int64())}, schema=MATCH_SCHEMA)
 
 
 _worker_auto: ahocorasick.Automaton | None = None

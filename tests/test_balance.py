@@ -191,6 +191,16 @@ def test_precrawl_and_final_balance_use_their_own_sections(tmp_path):
     assert set(drops.column("stage").to_pylist()) == {"precrawl_balance"}
 
 
+def test_new_metadata_reruns_the_stage_same_metadata_skips(tmp_path):
+    pool = make_pool(500)
+    cfg = make_build(tmp_path, "balance", pool, t=5)
+    first = run_stage(cfg, "balance", log=lambda s: None)
+    assert run_stage(cfg, "balance", log=lambda s: None).get("skipped")
+    (tmp_path / "metadata.json").write_text(json.dumps(["w0"]))
+    again = run_stage(cfg, "balance", log=lambda s: None)
+    assert not again.get("skipped") and again["entries"] == 1 < first["entries"]
+
+
 def test_pool_without_any_match_drops_everything(tmp_path):
     pool = make_pool(200).filter(pa.array([i % 10 == 0 for i in range(200)]))
     cfg = make_build(tmp_path, "balance", pool, t=5)
