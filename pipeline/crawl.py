@@ -9,8 +9,8 @@ Attempts make reruns cheap and exact:
 
 * attempt 0 downloads every input row; a killed run resumes it shard by shard (half-written
   shards are redone), so the final table equals that of an uninterrupted run;
-* ``--retry-failed`` starts a new attempt with only the uids whose latest result failed;
-* rows that appear upstream later (a changed filter) get a new attempt with just those rows;
+* rows that appear upstream later (a changed filter) get a new attempt with just those rows,
+  and with ``--retry-failed`` that attempt also holds the uids whose latest result failed;
 * changing an image setting (size, format, filters...) starts again from scratch.
 
 Each uid takes its latest attempt. kept.parquet has every input column plus status,
@@ -81,16 +81,13 @@ ERROR_REASONS: list[tuple[str, str]] = [
     (r"^aspect ratio too large$", "bad_aspect_ratio"),
     (r"^hash mismatch$", "hash_mismatch"),
 ]
-_COMPILED: list[tuple[re.Pattern[str], str]] = []
 
 
 def classify_error(message: str | None) -> str:
     """A short reason for an img2dataset error message ('other' when nothing matches)."""
-    if len(_COMPILED) != len(ERROR_REASONS):  # the table may be extended at import time
-        _COMPILED[:] = [(re.compile(p, re.IGNORECASE), r) for p, r in ERROR_REASONS]
     text = (message or "").strip()
-    for pattern, reason in _COMPILED:
-        if pattern.search(text):
+    for pattern, reason in ERROR_REASONS:  # re caches compiled patterns; only distinct
+        if re.search(pattern, text, re.IGNORECASE):  # messages are classified
             return reason
     return "other"
 
@@ -163,7 +160,7 @@ def _download(ctx: StageContext, con: Any) -> dict[str, Any]:
     _prepare_work(cfg, work)
     src = f"read_parquet('{ctx.input_path}')"
     started = time.time()
-    fig = {"samples": 0, "images": 0, "resumed_shards": 0}
+    fig = {"samples": 0, "images": 0, "resumed_shards": 0, "worker_seconds": 0.0}
 
     def finish(a: Attempt) -> None:
         stop_stale_worker(a)
@@ -171,34 +168,36 @@ def _download(ctx: StageContext, con: Any) -> dict[str, Any]:
         fig["resumed_shards"] += len(a.stats_files())
         before = a.counts()
         if len(a.stats_files()) < a.shard_count(cfg.crawl.number_sample_per_shard):
+            t = time.time()
             run_attempt(cfg, a)
+            fig["worker_seconds"] += time.time() - t
         after = a.counts()
         fig["samples"] += after[0] - before[0]
         fig["images"] += after[1] - before[1]
-        hash_images(a, cfg.crawl.encode_format, cfg.run_dir)
+        hash_images(a, cfg.crawl.encode_format, cfg.run_dir, cfg.crawl.processes_count)
 
     for a in attempts(work):  # an attempt interrupted last time is finished first
         if not a.done:
             finish(a)
+    # One new attempt: rows never tried (new upstream), plus with --retry-failed the rows
+    # whose latest result failed. One img2dataset start-up for both.
     done = attempts(work)
-    tried = ", ".join(f"'{a.urls}'" for a in done)
-    new_rows = src if not done else (
-        f"SELECT * FROM {src} WHERE uid NOT IN (SELECT uid FROM read_parquet([{tried}]))")
-    a = _new_attempt(con, work, len(done), new_rows)
+    todo = src
+    if done:
+        tried = ", ".join(f"'{a.urls}'" for a in done)
+        todo = f"SELECT * FROM {src} ANTI JOIN read_parquet([{tried}]) t USING (uid)"
+        if ctx.options.get("retry_failed"):
+            latest = (f"SELECT uid, status FROM ({_results_sql(done)}) QUALIFY row_number() "
+                      "OVER (PARTITION BY uid ORDER BY attempt DESC) = 1")
+            todo += (f" UNION ALL SELECT i.* FROM {src} i JOIN ({latest}) p USING (uid) "
+                     "WHERE p.status <> 'success'")
+    a = _new_attempt(con, work, len(done), todo)
     if a is not None:
         finish(a)
-    if ctx.options.get("retry_failed"):
-        done = attempts(work)
-        con.execute(f"CREATE OR REPLACE TEMP TABLE crawl_prev AS {_results_sql(done)}")
-        failed = (f"SELECT i.* FROM {src} i JOIN (SELECT uid, status FROM crawl_prev QUALIFY "
-                  f"row_number() OVER (PARTITION BY uid ORDER BY attempt DESC) = 1) p "
-                  f"USING (uid) WHERE p.status <> 'success'")
-        a = _new_attempt(con, work, len(done), failed)
-        if a is not None:
-            finish(a)
     secs = time.time() - started
     return {"downloaded_samples": fig["samples"], "downloaded_images": fig["images"],
             "download_seconds": round(secs, 3), "resumed_shards": fig["resumed_shards"],
+            "worker_seconds": round(fig["worker_seconds"], 3),  # img2dataset's process alone
             "samples_per_s": round(fig["samples"] / secs, 1) if fig["samples"] else None,
             "images_per_s": round(fig["images"] / secs, 1) if fig["samples"] else None}
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,7 +238,7 @@ def stop_stale_worker(attempt: Attempt) -> None:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return
-        if b"pipeline.crawl_worker" not in cmd:
+        if b"pipeline.crawl_worker" not in cmd or str(attempt.folder).encode() not in cmd:
             return
         time.sleep(0.2)
     raise StageError(f"a crawl worker (pid {pid}) is still writing {attempt.folder}; "
@@ -251,26 +252,36 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def hash_images(attempt: Attempt, encode_format: str, run_dir: Path) -> None:
-    """sha256 and size of each stored image, read back from the tars (what later stages see)."""
-    suffix = "." + encode_format
+_HASH_SCHEMA = pa.schema([("attempt", pa.int32()), ("key", pa.string()), ("tar", pa.string()),
+                          ("sha256", pa.string()), ("bytes", pa.int64())])
+
+
+def _hash_tar(tar_path: Path, suffix: str, number: int, rel: str) -> pa.Table:
     cols: dict[str, list[Any]] = {"attempt": [], "key": [], "tar": [], "sha256": [], "bytes": []}
-    for stats in attempt.stats_files():
-        tar_path = stats.with_name(stats.name.replace("_stats.json", ".tar"))
-        rel = os.path.relpath(tar_path, run_dir)
-        with tarfile.open(tar_path) as t:
-            for m in t:
-                if not m.name.endswith(suffix):
-                    continue
-                data = t.extractfile(m).read()
-                cols["attempt"].append(attempt.number)
-                cols["key"].append(m.name[: -len(suffix)])
-                cols["tar"].append(rel)
-                cols["sha256"].append(hashlib.sha256(data).hexdigest())
-                cols["bytes"].append(len(data))
-    schema = pa.schema([("attempt", pa.int32()), ("key", pa.string()), ("tar", pa.string()),
-                        ("sha256", pa.string()), ("bytes", pa.int64())])
+    with tarfile.open(tar_path) as t:
+        for m in t:
+            if not m.name.endswith(suffix):
+                continue
+            data = t.extractfile(m).read()
+            cols["attempt"].append(number)
+            cols["key"].append(m.name[: -len(suffix)])
+            cols["tar"].append(rel)
+            cols["sha256"].append(hashlib.sha256(data).hexdigest())
+            cols["bytes"].append(len(data))
+    return pa.table(cols, schema=_HASH_SCHEMA)
+
+
+def hash_images(attempt: Attempt, encode_format: str, run_dir: Path, threads: int = 2) -> None:
+    """sha256 and size of each stored image, read back from the tars (what later stages see).
+
+    Image bytes are read one member at a time; threads overlap the tar reads and hashlib
+    (which releases the GIL)."""
+    tars = [s.with_name(s.name.replace("_stats.json", ".tar")) for s in attempt.stats_files()]
     tmp = attempt.hashes.with_suffix(".tmp")
-    pq.write_table(pa.table(cols, schema=schema), tmp)
+    with pq.ParquetWriter(tmp, _HASH_SCHEMA) as out, ThreadPoolExecutor(threads) as pool:
+        jobs = [pool.submit(_hash_tar, t, "." + encode_format, attempt.number,
+                            os.path.relpath(t, run_dir)) for t in tars]
+        for job in jobs:
+            out.write_table(job.result())
     tmp.replace(attempt.hashes)
     (attempt.folder / "_DONE").write_text("")

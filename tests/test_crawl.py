@@ -260,11 +260,11 @@ def flaky():
     srv.server_close()
 
 
-def test_retry_failed_downloads_only_the_failed(flaky, tmp_path):
+def test_retry_failed_downloads_only_the_failed_and_the_new(flaky, tmp_path):
     base = f"http://127.0.0.1:{flaky.server_address[1]}"
-    ids = _pool_ids()[:10]
+    ids = _pool_ids()[:12]
     rows = [(f"ok {i}", f"{base}/ok/{i}") for i in ids[:5]] + \
-           [(f"flaky {i}", f"{base}/flaky/{i}") for i in ids[5:]]
+           [(f"flaky {i}", f"{base}/flaky/{i}") for i in ids[5:10]]
     cfg = load_build(_make_build(tmp_path, rows))
     first = run_stage(cfg, "crawl", log=lambda s: None)
     assert (first["kept"], first["dropped"]) == (5, 5)
@@ -272,14 +272,18 @@ def test_retry_failed_downloads_only_the_failed(flaky, tmp_path):
     assert set(flaky.hits.values()) == {1}
     again = run_stage(cfg, "crawl", log=lambda s: None)  # unchanged: skipped, nothing fetched
     assert again.get("skipped") and sum(flaky.hits.values()) == 10
+    # Two rows appear upstream (a changed filter) and the failures are retried: one new
+    # attempt holds exactly the 5 failed and the 2 new rows.
+    extra = [(f"new {i}", f"{base}/ok/{i}") for i in ids[10:]]
+    cfg = load_build(_make_build(tmp_path, rows + extra))
     retried = run_stage(cfg, "crawl", options={"retry_failed": True}, log=lambda s: None)
-    assert (retried["kept"], retried["dropped"]) == (10, 0)
-    assert retried["downloaded_samples"] == 5 and retried["attempts"] == 2
-    assert flaky.hits == Counter({f"/ok/{i}": 1 for i in ids[:5]} |
-                                 {f"/flaky/{i}": 2 for i in ids[5:]})
-    kept = duckdb.sql(f"SELECT url, attempt, tar FROM "
+    assert (retried["kept"], retried["dropped"]) == (12, 0)
+    assert retried["downloaded_samples"] == 7 and retried["attempts"] == 2
+    assert flaky.hits == Counter({f"/ok/{i}": 1 for i in ids[:5] + ids[10:]} |
+                                 {f"/flaky/{i}": 2 for i in ids[5:10]})
+    kept = duckdb.sql(f"SELECT caption, attempt, tar FROM "
                       f"'{stage_dir(cfg, get_spec('crawl'))}/kept.parquet'").fetchall()
-    assert {("/flaky/" in u, a) for u, a, _ in kept} == {(False, 0), (True, 1)}
+    assert {(c.split()[0], a) for c, a, _ in kept} == {("ok", 0), ("flaky", 1), ("new", 1)}
     assert all(image_tar(cfg, t).is_file() for *_, t in kept)
 
 
