@@ -142,7 +142,14 @@ def _tree_rss_mb(root: int) -> float:
     return sum(rss.get(p, 0) for p in tree) / 2**20
 
 
-def run_child(args: list[str]) -> dict:
+def _dir_mb(d: Path) -> float:
+    try:
+        return sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) / 2**20
+    except OSError:  # files come and go while DuckDB spills
+        return 0.0
+
+
+def run_child(args: list[str], watch: Path | None = None) -> dict:
     """Run a Python child; return its last stdout line (JSON) plus the peak RSS of its tree.
 
     ru_maxrss is useless here: Linux carries it over fork+exec from this (large) parent.
@@ -152,9 +159,11 @@ def run_child(args: list[str]) -> dict:
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         p = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, env=env,
                              cwd=root, text=True)
-        peak = 0.0
+        peak = spill = 0.0
         while p.poll() is None:
             peak = max(peak, _tree_rss_mb(p.pid))
+            if watch is not None:
+                spill = max(spill, _dir_mb(watch))
             time.sleep(0.5)
         out.seek(0)
         err.seek(0)
@@ -162,13 +171,15 @@ def run_child(args: list[str]) -> dict:
             raise RuntimeError(f"bench child {args[:3]} failed:\n{err.read()[-3000:]}")
         r = json.loads(out.read().strip().splitlines()[-1])
     r["peak_rss_mb"] = round(peak)
+    if watch is not None:
+        r["peak_spill_mb"] = round(spill)
     return r
 
 
 def run_method(method: str, pool: Path, entries: Path, out: Path, workers: int,
                mem: str) -> dict:
     return run_child(["-c", _CHILD, method, str(pool), str(entries), str(out), str(workers),
-                      mem])
+                      mem], watch=Path(f"{out}.spill") if method == "duckdb" else None)
 
 
 def same_pairs(a: Path, b: Path) -> int:
@@ -220,6 +231,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--rows", type=int, default=0, help="override the caption count")
     ap.add_argument("--workers", type=int, default=2, help="processes / DuckDB threads")
     ap.add_argument("--memory-limit", default="2GB", help="DuckDB memory_limit (spills beyond)")
+    ap.add_argument("--spill-limit", default="512MB",
+                    help="also run the duckdb method under this memory_limit ('' to skip)")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "witforge_bench_balance"),
                     help="where the generated pool and entries are kept between runs")
     args = ap.parse_args(argv)
@@ -234,15 +247,20 @@ def main(argv: list[str]) -> int:
                  "workers": args.workers, "memory_limit": args.memory_limit, "methods": {}}
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         outs = {}
-        for m in ("peer", "ahocorasick", "duckdb"):
-            outs[m] = Path(tmp) / m
-            r = run_method(m, pool, entries, outs[m], args.workers, args.memory_limit)
+        runs = [("peer", "peer", args.memory_limit), ("ahocorasick", "ahocorasick",
+                args.memory_limit), ("duckdb", "duckdb", args.memory_limit)]
+        if args.spill_limit:  # the same join squeezed under a small memory_limit
+            runs.append((f"duckdb@{args.spill_limit}", "duckdb", args.spill_limit))
+        for m, method, mem in runs:
+            outs[m] = Path(tmp) / m.replace("@", "_")
+            r = run_method(method, pool, entries, outs[m], args.workers, mem)
+            r["memory_limit"] = mem if method != "peer" else None
             r["captions_per_s"] = round(rows / r["seconds"])
             r["seconds"] = round(r["seconds"], 2)
             res["methods"][m] = r
             print(f"{m:12s} {r['seconds']:8.1f} s  {r['captions_per_s']:>10,} captions/s  "
                   f"{r['matches']:,} matches  peak {r['peak_rss_mb']:,} MB", file=sys.stderr)
-        for m in ("ahocorasick", "duckdb"):
+        for m in [x for x, _, _ in runs if x != "peer"]:
             diff = same_pairs(outs["peer"], outs[m])
             res["methods"][m]["pairs_differing_from_peer"] = diff
             res["methods"][m]["ratio_vs_peer"] = round(
