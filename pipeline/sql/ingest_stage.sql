@@ -15,7 +15,11 @@ WITH cleaned AS (
         lower(regexp_extract(url_t, '^([A-Za-z][A-Za-z0-9+.\-]*):', 1)) AS scheme,
         regexp_extract(url_t, '^[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)', 1) AS authority,
         regexp_extract(url_t, '^[A-Za-z][A-Za-z0-9+.\-]*://[^/?#]*(.*)$', 1) AS rest,
-        coalesce(trim(regexp_replace(caption_fixed, '\s+', ' ', 'g')), '') AS caption
+        -- Only captions with a whitespace run, a tab/newline or a space at an end change;
+        -- the check is ~8x cheaper than the replace it skips.
+        coalesce(CASE WHEN regexp_matches(caption_fixed, '\s\s|[\t\n\f\r]|^\s|\s$')
+                      THEN trim(regexp_replace(caption_fixed, '\s+', ' ', 'g'))
+                      ELSE caption_fixed END, '') AS caption
     FROM cleaned
 ), hosted AS (
     SELECT *,
@@ -43,11 +47,19 @@ SELECT
 FROM judged;
 
 CREATE OR REPLACE TEMP TABLE fated AS
-SELECT *,
+-- Only uids seen more than once need ranking: a narrow group-by finds them, and the window
+-- runs on those rows alone instead of on every row with every column.
+WITH repeated AS (
+    SELECT uid FROM staged GROUP BY uid HAVING count(*) > 1
+), ranked AS (
+    SELECT rowid AS r, row_number() OVER (PARTITION BY uid ORDER BY src_order, file) AS rn
+    FROM staged WHERE uid IN (SELECT uid FROM repeated)
+)
+SELECT s.*,
     CASE
         WHEN bad_reason IS NOT NULL THEN bad_reason
         -- Exact repeats of (url, caption): the first source in build order keeps the pair.
-        WHEN row_number() OVER (PARTITION BY uid ORDER BY src_order, file) > 1 THEN 'exact_repeat'
+        WHEN ranked.rn > 1 THEN 'exact_repeat'
         ELSE NULL
     END AS reason
-FROM staged;
+FROM staged s LEFT JOIN ranked ON s.rowid = ranked.r;
