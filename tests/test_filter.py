@@ -253,3 +253,17 @@ def test_preview_counts_and_examples(tmp_path: Path, capsys) -> None:
     assert "4 rows: 1 kept (25.0 %), 2 dropped (false), 1 dropped (NULL)" in out
     assert "a red apple" in out
     assert not (stage_dir(cfg, get_spec("text_filter"))).exists()
+
+
+def test_preview_through_the_cli(tmp_path: Path, capsys) -> None:
+    from pipeline.cli import main as cli_main
+
+    cfg = load_build(_build(tmp_path, ""))
+    # before ingest ran: a clear error, exit code 2, nothing written
+    assert cli_main(["preview", "caption_length", "--build", str(cfg.path)]) == 2
+    assert "needs stage ingest first" in capsys.readouterr().err
+    mark_done(cfg, "ingest", _captions(["a red apple", "IMG_1234.jpg"]))
+    (tmp_path / "mine.sql").write_text("NOT contains(caption, 'apple')")
+    assert cli_main(["preview", str(tmp_path / "mine.sql"), "--build", str(cfg.path)]) == 0
+    out = capsys.readouterr().out
+    assert "filter mine" in out and "2 rows: 1 kept (50.0 %), 1 dropped (false)" in out
