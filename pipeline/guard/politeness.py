@@ -101,12 +101,15 @@ class DomainLimiter:
         if self.backoff_until(domain) > deadline:
             raise DomainBusy(f"backing off until Retry-After ({domain})")
         d = self._enter(domain)
-        try:
-            await asyncio.wait_for(d.sem.acquire(), max(0.0, deadline - loop.time()))
-        except TimeoutError:
-            self._leave(domain, d)
-            raise DomainBusy(f"all {self.concurrency} slots busy until the deadline "
-                             f"({domain})") from None
+        if d.sem.locked():  # wait_for costs a task per call: only pay it when waiting
+            try:
+                await asyncio.wait_for(d.sem.acquire(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                self._leave(domain, d)
+                raise DomainBusy(f"all {self.concurrency} slots busy until the deadline "
+                                 f"({domain})") from None
+        else:
+            await d.sem.acquire()
         try:
             now = loop.time()
             start = max(now, d.next_start, self.backoff_until(domain))

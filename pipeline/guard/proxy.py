@@ -189,12 +189,14 @@ class GuardProxy:
             lines = f.read().decode("utf-8", "replace").splitlines()
         return [json.loads(x) for x in lines if x.strip()]
 
-    def stats(self) -> dict[str, int]:
-        """Counts by reason from the event log (the summary line once the proxy stopped)."""
-        counts: dict[str, int] = {}
+    def stats(self) -> dict[str, Any]:
+        """Counts by reason from the event log (the summary line once the proxy stopped, with
+        the proxy's cpu_seconds and peak_rss_kb)."""
+        counts: dict[str, Any] = {}
         for e in self.events():
             if "summary" in e:
-                return dict(e["summary"])
+                return {**e["summary"], "cpu_seconds": e.get("cpu_seconds"),
+                        "peak_rss_kb": e.get("peak_rss_kb")}
             counts[e["reason"]] = counts.get(e["reason"], 0) + 1
         return counts
 
