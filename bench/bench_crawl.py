@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             "own_time_pct": round(100 * statistics.median(
                 r["own_seconds"] / r["seconds"] for r in stage), 1),
             "goal": "overhead <= 5%",
-            "same_images": stage[-1]["images"] == peer[-1]["images"],
+            # Equal up to read timeouts of a loaded machine (slow_seconds 4 vs timeout 3).
+            "images": {"stage": [r["images"] for r in stage],
+                       "img2dataset": [r["images"] for r in peer]},
         },
         "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
     }
