@@ -267,3 +267,23 @@ def test_preview_through_the_cli(tmp_path: Path, capsys) -> None:
     assert cli_main(["preview", str(tmp_path / "mine.sql"), "--build", str(cfg.path)]) == 0
     out = capsys.readouterr().out
     assert "filter mine" in out and "2 rows: 1 kept (50.0 %), 1 dropped (false)" in out
+
+
+def test_a_later_filter_only_sees_the_survivors_of_earlier_ones(tmp_path: Path) -> None:
+    seen = [0]
+
+    def counting(col: pa.Array) -> pa.Array:
+        seen[0] += len(col)
+        return pa.array([True] * len(col))
+
+    con = duckdb.connect()
+    con.create_function("counting", counting, ["VARCHAR"], "BOOLEAN", type="arrow")
+    con.execute("CREATE TABLE pairs AS SELECT i::VARCHAR uid, 'c' || i caption "
+                "FROM range(50000) t(i)")
+    (tmp_path / "cheap.sql").write_text("uid LIKE '%7'")
+    (tmp_path / "costly.sql").write_text("counting(caption)")
+    dropped = apply_filters(con, [load_filter(tmp_path / "cheap.sql"),
+                                  load_filter(tmp_path / "costly.sql")], "t")
+    assert dropped.num_rows == 45000
+    assert seen[0] == 5000  # the costly filter ran on the 10 % the cheap one kept
+    con.close()
