@@ -226,7 +226,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         results=_results_sql(done), hashes=_hashes_sql(done), input=ctx.input_path,
         input_cols=input_cols, reasons="crawl_reasons")
     con.execute(sql)
-    no_result, no_image = con.execute("SELECT * FROM crawl_problems").fetchall()[0]
+    no_result, no_image, repeated = con.execute("SELECT * FROM crawl_problems").fetchall()[0]
+    if repeated:
+        raise StageError(f"{ctx.input_path}: {repeated} repeated uids; the crawl needs one row "
+                         "per uid (ingest drops exact repeats)")
     if no_result or no_image:
         raise StageError(f"crawl results in {ctx.work_dir} are incomplete: {no_result} rows "
                          f"without a result, {no_image} successes without an image in the tar")

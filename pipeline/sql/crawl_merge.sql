@@ -18,7 +18,8 @@ LEFT JOIN {reasons} r ON r.error_message = l.error_message;
 -- Rows that would break "rows in = kept + dropped" (the stage raises on any).
 CREATE OR REPLACE TEMP VIEW crawl_problems AS
 SELECT count(*) FILTER (WHERE status IS NULL) AS no_result,
-       count(*) FILTER (WHERE status = 'success' AND sha256 IS NULL) AS no_image
+       count(*) FILTER (WHERE status = 'success' AND sha256 IS NULL) AS no_image,
+       count(*) - count(DISTINCT _uid) AS repeated_uid
 FROM crawl_joined;
 
 -- Successes: every input column, then the crawl's own ({input_cols} excludes clashes).
