@@ -136,13 +136,17 @@ def worker_env(cfg: BuildConfig) -> dict[str, str]:
 
 def _shard_ok(stats: Path) -> bool:
     try:
-        count = json.loads(stats.read_text())["count"]
+        s = json.loads(stats.read_text())
         results = stats.with_name(stats.name.replace("_stats.json", ".parquet"))
-        if pq.ParquetFile(results).metadata.num_rows != count:
+        if pq.ParquetFile(results).metadata.num_rows != s["count"]:
             return False
-        with tarfile.open(stats.with_name(stats.name.replace("_stats.json", ".tar"))) as t:
-            t.getmembers()  # raises on a truncated archive
-        return True
+        tar = stats.with_name(stats.name.replace("_stats.json", ".tar"))
+        with tarfile.open(tar) as t:
+            members = t.getmembers()
+        # tarfile stops quietly at a cut; every success is <key>.{jpg,txt,json} in the tar.
+        end = max((m.offset_data + m.size for m in members), default=0)
+        return (end <= tar.stat().st_size
+                and sum(m.name.endswith(".json") for m in members) == s["successes"])
     except (OSError, ValueError, KeyError, tarfile.TarError, pa.ArrowException):
         return False
 
