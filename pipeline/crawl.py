@@ -26,6 +26,7 @@ import hashlib
 import json
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -111,16 +112,23 @@ def attempts(work: Path) -> list[Attempt]:
     return found
 
 
-def _prepare_work(cfg: BuildConfig, work: Path) -> None:
-    """Start from scratch when the image settings changed since the tars were written."""
+def _prepare_work(cfg: BuildConfig, work: Path) -> bool:
+    """Start from scratch when the image settings changed since the tars were written;
+    True if earlier downloads were discarded."""
     state = work / "settings.json"
     key = _settings_key(cfg)
+    discarded = False
     if work.exists() and (not state.exists() or json.loads(state.read_text())["key"] != key):
+        discarded = any(work.glob("attempt_*"))
+        if discarded:
+            print(f"crawl: image settings changed since {work} was written; downloading "
+                  "everything again", file=sys.stderr)
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     if not state.exists():
         values = {k: getattr(cfg.crawl, k) for k in _IMAGE_SETTINGS}
         state.write_text(json.dumps({"key": key, "settings": values}, indent=2, default=str))
+    return discarded
 
 
 def _new_attempt(con: Any, work: Path, number: int, select_sql: str) -> Attempt | None:
@@ -157,7 +165,7 @@ def _results_sql(done: list[Attempt]) -> str:
 
 def _download(ctx: StageContext, con: Any) -> dict[str, Any]:
     cfg, work = ctx.cfg, ctx.work_dir
-    _prepare_work(cfg, work)
+    discarded = _prepare_work(cfg, work)
     src = f"read_parquet('{ctx.input_path}')"
     started = time.time()
     fig = {"samples": 0, "images": 0, "resumed_shards": 0, "worker_seconds": 0.0}
@@ -198,6 +206,7 @@ def _download(ctx: StageContext, con: Any) -> dict[str, Any]:
     return {"downloaded_samples": fig["samples"], "downloaded_images": fig["images"],
             "download_seconds": round(secs, 3), "resumed_shards": fig["resumed_shards"],
             "worker_seconds": round(fig["worker_seconds"], 3),  # img2dataset's process alone
+            "discarded_old_downloads": discarded,
             "samples_per_s": round(fig["samples"] / secs, 1) if fig["samples"] else None,
             "images_per_s": round(fig["images"] / secs, 1) if fig["samples"] else None}
 

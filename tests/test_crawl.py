@@ -297,11 +297,11 @@ def test_changed_image_settings_start_from_scratch(tmp_path):
     y.write_text(f"name: t\nruns_dir: {tmp_path}\nsources: [{{path: x.tsv}}]\n{CRAWL}\n")
     cfg = load_build(y)
     work = tmp_path / "work"
-    _prepare_work(cfg, work)
+    assert not _prepare_work(cfg, work)
     (work / "attempt_000").mkdir()
     cfg.crawl.timeout = 9  # not an image setting: downloads stay
-    _prepare_work(cfg, work)
+    assert not _prepare_work(cfg, work)
     assert (work / "attempt_000").exists()
     cfg.crawl.image_size = 96
-    _prepare_work(cfg, work)
+    assert _prepare_work(cfg, work)
     assert not (work / "attempt_000").exists()
