@@ -432,6 +432,18 @@ async def serve(settings: GuardSettings, host: str, port: int, events: IO[str] |
     return guard
 
 
+def _peak_rss_kb() -> int | None:
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.guard.server",
@@ -474,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         events.write(json.dumps({
             "t": round(time.time(), 3), "summary": guard.counts, "settings": asdict(settings),
             "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
-            "peak_rss_kb": usage.ru_maxrss}) + "\n")
+            "peak_rss_kb": _peak_rss_kb()}) + "\n")
         events.close()
     return 0
 
