@@ -185,6 +185,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    # A crawl opens dozens of connections at once; the default backlog of 5 made a loaded
+    # machine drop connection attempts before they reached the server.
+    request_queue_size = 128
 
     def __init__(self, addr: tuple[str, int], pool: _Pool, slow_seconds: float):
         self.pool = pool
