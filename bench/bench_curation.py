@@ -152,6 +152,14 @@ def _peak_rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _reset_peak_rss() -> None:
+    """Start a new peak (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _measure(mode: str, manifest: str, work: str, filters: list[str]) -> dict:
     w = Path(work)
     shutil.rmtree(w, ignore_errors=True)
@@ -174,9 +182,11 @@ def _measure(mode: str, manifest: str, work: str, filters: list[str]) -> dict:
         cfg = load_build(w / "build.yaml")
         for stage in ("ingest", "text_filter", "url_dedup"):
             s0, c0 = time.perf_counter(), _cpu()
+            _reset_peak_rss()
             rep = run_stage(cfg, stage, log=lambda s: None)
             result[stage] = {"seconds": round(time.perf_counter() - s0, 2),
                              "cpu_s": round(_cpu() - c0, 2),
+                             "peak_rss_gib": round(_peak_rss_kib() / 2**20, 2),
                              "rows_in": rep["rows_in"], "kept": rep["kept"],
                              "dropped_by_reason": rep["dropped_by_reason"]}
         result["kept"] = rep["kept"]
@@ -184,7 +194,8 @@ def _measure(mode: str, manifest: str, work: str, filters: list[str]) -> dict:
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     result.update(wall_s=round(wall, 2),
                   cpu_s=round(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, 2),
-                  peak_rss_gib=round(_peak_rss_kib() / 2**20, 2))
+                  peak_rss_gib=max([round(_peak_rss_kib() / 2**20, 2)] + [
+                      v["peak_rss_gib"] for v in result.values() if isinstance(v, dict)]))
     shutil.rmtree(w, ignore_errors=True)
     return result
 
