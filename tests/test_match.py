@@ -146,6 +146,20 @@ def test_match_parquet_over_row_groups_and_processes(tmp_path, method):
     assert pairs == reference(uids, captions, entries)
 
 
+def test_duckdb_chunks_give_the_same_pairs(tmp_path):
+    captions = [f"dog {i}, New York" if i % 2 else f"cat {i}." for i in range(3000)]
+    uids = [f"u{i:05d}" for i in range(len(captions))]
+    src = tmp_path / "pool.parquet"
+    pq.write_table(pa.table({"uid": uids, "caption": captions}), src, row_group_size=400)
+    entries = ["dog", "cat", "New York", "1"]
+    n = match.match_parquet_duckdb(duckdb.connect(), src, entries_table(entries),
+                                   tmp_path / "m", chunk_rows=1000)
+    assert len(list((tmp_path / "m").glob("part-*.parquet"))) == 3
+    got = pq.read_table(tmp_path / "m").to_pylist()
+    assert n == len(got) and {(r["uid"], r["entry_id"]) for r in got} == reference(
+        uids, captions, entries)
+
+
 def test_no_matchable_entries_gives_empty_result(tmp_path):
     src = tmp_path / "pool.parquet"
     pq.write_table(pa.table({"uid": ["a"], "caption": ["a\tb"]}), src)
