@@ -6,8 +6,9 @@ WITH cleaned AS (
     SELECT
         src_order, source, file,
         trim(url_raw) AS url_t,
-        -- Only captions with non-ASCII characters can need ftfy; ASCII stays on the fast path.
-        CASE WHEN $ftfy AND regexp_matches(caption_raw, '[^\x00-\x7F]')
+        -- ftfy can only change captions with non-ASCII characters, HTML entities ('&amp;')
+        -- or terminal escapes (ESC); every other caption stays on the fast path.
+        CASE WHEN $ftfy AND regexp_matches(caption_raw, '[^\x00-\x7F]|&|\x1b')
              THEN ftfy_fix(caption_raw) ELSE caption_raw END AS caption_fixed
     FROM raw
 ), parsed AS (
