@@ -1,7 +1,8 @@
 """Ingest: URL–caption manifests (csv, tsv, json, jsonl, parquet, .gz) → uid-keyed pairs.
 
 Every source file is read by DuckDB. Captions are repaired with ftfy (only those
-with non-ASCII characters can need it) and whitespace-normalized; URLs are
+with non-ASCII characters, HTML entities or terminal escapes can need it, so the
+rest skip it) and whitespace-normalized; URLs are
 validated (http/https, a host, sane length, no raw whitespace) and their scheme
 and host lower-cased; each pair gets a stable uid, md5(url + US + caption).
 Rows a CSV reader cannot decode (bad UTF-8, ragged lines) are not lost: they are

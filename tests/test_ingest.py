@@ -87,6 +87,14 @@ def test_captions_repaired_and_whitespace_normalized(tmp_path: Path) -> None:
     assert [c for _, c, _ in _kept(cfg)] == ["café au lait", "two words here"]
 
 
+def test_ascii_html_entities_are_repaired_too(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"url": ["http://a.org/1"], "caption": ["Tom &amp; Jerry"]}),
+                   tmp_path / "m.parquet")
+    cfg = load_build(_build(tmp_path, "  - {path: m.parquet}\n"))
+    run_stage(cfg, "ingest", log=lambda s: None)
+    assert [c for _, c, _ in _kept(cfg)] == ["Tom & Jerry"]
+
+
 def test_bad_url_rows_dropped_with_reasons(tmp_path: Path) -> None:
     urls = ["ftp://a.org/x", "http:///nohost", "", "http://a.org/" + "x" * 3000,
             "http://a.org/has space", "file:///etc/passwd", "http://ok.org/1"]

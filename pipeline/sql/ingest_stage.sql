@@ -47,7 +47,10 @@ SELECT
     coalesce(url_norm, url_t) AS url, caption, source, src_order, file, bad_reason
 FROM judged;
 
-CREATE OR REPLACE TEMP TABLE fated AS
+-- Keep one copy of the data alive at a time: this is what bounds ingest's peak memory.
+DROP TABLE raw;
+
+CREATE OR REPLACE TEMP VIEW fated AS
 -- Only uids seen more than once need ranking: a narrow group-by finds them, and the window
 -- runs on those rows alone instead of on every row with every column.
 WITH repeated AS (
