@@ -49,6 +49,10 @@ def _train_once(o: TrainOptions) -> dict[str, Any]:
             and json.loads(opts.read_text()) == json.loads(json.dumps(o.to_dict()))):
         print(f"[train] {out} up to date, skipped")
         return json.loads(summary.read_text())
+    if o.threads > 0:  # oversubscribed torch threads run several times slower on 2 cores
+        import torch
+
+        torch.set_num_threads(o.threads)
     return train(o)
 
 
