@@ -28,7 +28,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pipeline.guard.server import TAG, GuardSettings
+from pipeline.guard.server import GuardSettings
+from pipeline.guard.wire import TAG
 
 # Schemes urllib could open without the network or behind our back: routing them to the proxy
 # makes it refuse them (blocked_scheme) instead of urllib reading a local file or an FTP site.

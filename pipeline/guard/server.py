@@ -47,11 +47,18 @@ from pipeline.guard.addresses import (
     parse_ip_literal,
 )
 from pipeline.guard.politeness import DomainBusy, DomainLimiter
+from pipeline.guard.wire import (
+    CHUNK,
+    HOP_BY_HOP,
+    TAG,
+    Refused,
+    get_header,
+    parse_head,
+    parts_host,
+    phrase,
+    read_body,
+)
 
-TAG = "witforge-guard"
-_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization",
-               "proxy-authenticate", "te", "trailer", "transfer-encoding", "upgrade"}
-_CHUNK = 64 * 1024
 _TUNNEL_SLACK = 64 * 1024  # TLS records and response headers on top of the body cap
 
 
@@ -66,40 +73,6 @@ class GuardSettings:
     max_backoff: float = 600.0
     spool_bytes: int = 1024 * 1024
     header_timeout: float = 10.0
-
-
-class Refused(Exception):
-    """A request the guard ends itself: carries the status, the reason token and a detail."""
-
-    def __init__(self, status: int, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.status, self.reason, self.detail = status, reason, detail
-
-
-def _phrase(text: str, limit: int = 1500) -> str:
-    # A reason phrase is one line of visible ASCII; URLs keep their meaning percent-encoded.
-    out = "".join(c if 32 <= ord(c) < 127 else f"%{ord(c) & 0xFF:02X}" for c in text)
-    return out[:limit]
-
-
-def _parse_head(data: bytes) -> tuple[str, list[tuple[str, str]]]:
-    lines = data.decode("latin-1").split("\r\n")
-    headers = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep:
-            raise Refused(400, "bad_request", "malformed header line")
-        headers.append((name.strip(), value.strip()))
-    return lines[0], headers
-
-
-def _get(headers: list[tuple[str, str]], name: str) -> str | None:
-    for k, v in headers:
-        if k.lower() == name:
-            return v
-    return None
 
 
 class GuardServer:
@@ -131,7 +104,7 @@ class GuardServer:
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
                     ConnectionError):
                 return
-            request_line, headers = _parse_head(head)
+            request_line, headers = parse_head(head)
             parts = request_line.split(" ")
             if len(parts) != 3:
                 raise Refused(400, "bad_request", "malformed request line")
@@ -155,7 +128,7 @@ class GuardServer:
 
     async def _refuse(self, writer: asyncio.StreamWriter, r: Refused, url: str) -> None:
         body = f"{TAG} {r.reason} {url}\n{r.detail}\n".encode("utf-8", "replace")
-        head = (f"HTTP/1.1 {r.status} {_phrase(f'{TAG} {r.reason} {url}')}\r\n"
+        head = (f"HTTP/1.1 {r.status} {phrase(f'{TAG} {r.reason} {url}')}\r\n"
                 f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
                 f"X-Witforge-Guard: {r.reason}\r\nConnection: close\r\n\r\n")
         try:
@@ -245,7 +218,7 @@ class GuardServer:
                 raise Refused(502, "upstream_error", f"{type(e).__name__}: {e}") from None
             finally:
                 self.limiter.release(domain, slot)
-            self.limiter.note_response(domain, status, _get(rheaders, "retry-after"))
+            self.limiter.note_response(domain, status, get_header(rheaders, "retry-after"))
             self._count("ok")
             await self._answer(writer, method, status, reason, rheaders, spool, size, deadline)
         finally:
@@ -256,13 +229,13 @@ class GuardServer:
                      ssl_host: str | None) -> tuple[int, str, list[tuple[str, str]], int]:
         r, w = await self._open(host, port, url, ssl_host)
         try:
-            drop = set(_HOP_BY_HOP)
+            drop = set(HOP_BY_HOP)
             for k, v in headers:
                 if k.lower() == "connection":
                     drop |= {t.strip().lower() for t in v.split(",")}
             out = [f"{method} {path} HTTP/1.1"]
             out += [f"{k}: {v}" for k, v in headers if k.lower() not in drop]
-            if _get(headers, "host") is None:
+            if get_header(headers, "host") is None:
                 out.append(f"Host: {parts_host(host, port, ssl_host is not None)}")
             out.append("Connection: close")
             w.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1"))
@@ -272,7 +245,7 @@ class GuardServer:
                     head = await r.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
                     raise Refused(502, "bad_response", f"no valid response head: {e}") from None
-                status_line, rheaders = _parse_head(head)
+                status_line, rheaders = parse_head(head)
                 bits = status_line.split(" ", 2)
                 if len(bits) < 2 or not bits[0].startswith("HTTP/") or not bits[1].isdigit():
                     raise Refused(502, "bad_response", f"bad status line {status_line[:80]!r}")
@@ -280,64 +253,18 @@ class GuardServer:
                 if status >= 200 or status == 101:
                     break  # 1xx interim responses are skipped
             reason = bits[2] if len(bits) > 2 else ""
-            size = await self._read_body(r, method, status, rheaders, spool, url)
+            size = await read_body(r, method, status, rheaders, spool, self.s.max_body_bytes)
             return status, reason, rheaders, size
         finally:
             w.close()
-
-    def _too_large(self, url: str, what: str) -> Refused:
-        return Refused(502, "body_too_large", f"{what} > max_body_bytes={self.s.max_body_bytes}")
-
-    async def _read_body(self, r: asyncio.StreamReader, method: str, status: int,
-                         headers: list[tuple[str, str]], spool: Any, url: str) -> int:
-        if method == "HEAD" or status in (204, 304) or status < 200:
-            return 0
-        cap = self.s.max_body_bytes
-        size = 0
-        te = (_get(headers, "transfer-encoding") or "").lower()
-        if "chunked" in te:
-            while True:
-                line = await r.readuntil(b"\r\n")
-                try:
-                    n = int(line.split(b";", 1)[0].strip() or b"x", 16)
-                except ValueError:
-                    raise Refused(502, "bad_response", "bad chunk size") from None
-                if n == 0:
-                    break
-                if size + n > cap:
-                    raise self._too_large(url, f"chunked body reached {size + n} bytes")
-                spool.write(await r.readexactly(n))
-                size += n
-                await r.readexactly(2)
-            return size
-        length = _get(headers, "content-length")
-        if length is not None:
-            if not length.strip().isdigit():
-                raise Refused(502, "bad_response", f"bad Content-Length {length!r}")
-            n = int(length)
-            if n > cap:
-                raise self._too_large(url, f"Content-Length {n}")
-            while size < n:
-                data = await r.read(min(_CHUNK, n - size))
-                if not data:
-                    raise Refused(502, "bad_response", f"body ended at {size} of {n} bytes")
-                spool.write(data)
-                size += len(data)
-            return size
-        while data := await r.read(_CHUNK):  # no length: the body ends when the server closes
-            size += len(data)
-            if size > cap:
-                raise self._too_large(url, f"body reached {size} bytes")
-            spool.write(data)
-        return size
 
     async def _answer(self, writer: asyncio.StreamWriter, method: str, status: int,
                       reason: str, headers: list[tuple[str, str]], spool: Any, size: int,
                       deadline: float) -> None:
         keep = [(k, v) for k, v in headers
-                if k.lower() not in _HOP_BY_HOP and (method == "HEAD" or
+                if k.lower() not in HOP_BY_HOP and (method == "HEAD" or
                                                       k.lower() != "content-length")]
-        lines = [f"HTTP/1.1 {status} {_phrase(reason) or 'Status'}"]
+        lines = [f"HTTP/1.1 {status} {phrase(reason) or 'Status'}"]
         lines += [f"{k}: {v}" for k, v in keep]
         if method != "HEAD":
             lines.append(f"Content-Length: {size}")
@@ -347,7 +274,7 @@ class GuardServer:
         # The client gets as long again as the request had: a stuck reader must not pin the
         # spooled body forever.
         async with asyncio.timeout(self.s.deadline):
-            while chunk := spool.read(_CHUNK):
+            while chunk := spool.read(CHUNK):
                 writer.write(chunk)
                 await writer.drain()
             await writer.drain()
@@ -389,7 +316,7 @@ class GuardServer:
         async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, capped: bool):
             nonlocal outcome
             total = 0
-            while data := await src.read(_CHUNK):
+            while data := await src.read(CHUNK):
                 total += len(data)
                 if capped and total > cap:
                     outcome = "body_too_large"
@@ -414,11 +341,6 @@ class GuardServer:
             await asyncio.gather(up, down, return_exceptions=True)
             uw.close()
         return outcome
-
-
-def parts_host(host: str, port: int, tls: bool) -> str:
-    h = f"[{host}]" if ":" in host else host
-    return h if port == (443 if tls else 80) else f"{h}:{port}"
 
 
 async def serve(settings: GuardSettings, host: str, port: int, events: IO[str] | None,
