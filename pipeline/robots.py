@@ -15,8 +15,10 @@ What an answer means (RFC 9309):
 * the guard refused the address: the URLs are dropped as ``blocked_address`` here, since
   the crawl would refuse them anyway.
 
-Drops have reason ``robots_disallowed`` (detail: the rule or the fetch failure) or
-``blocked_address`` (detail: the URL). All other rows are kept with every input column.
+Drops have reason ``robots_disallowed`` (detail: the URL and the deciding rule),
+``robots_unreachable`` (detail: why robots.txt could not be read — kept apart so that dead
+sites do not pass for sites that said no) or ``blocked_address`` (detail: the URL). All other
+rows are kept with every input column.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ class _Verdicts:
                 state = None  # no robots.txt: everything allowed
             else:
                 why = f"HTTP {status}" if status else (err or "no answer")
-                state = ("robots_disallowed", f"{origin}/robots.txt unreachable ({why}); "
+                state = ("robots_unreachable", f"{origin}/robots.txt unreachable ({why}); "
                          "RFC 9309 treats that as a complete disallow")
             self.rules[origin] = state
         return self.rules[origin]
@@ -202,8 +204,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "robots_fetch_seconds": round(fetch_seconds, 3),
         "origins_with_rules": sum(isinstance(s, RobotsRules) for s in states),
         "origins_without_robots": sum(s is None for s in states),
-        "origins_disallow_all": sum(isinstance(s, tuple) and s[0] == "robots_disallowed"
-                                    for s in states),
+        "origins_unreachable": sum(isinstance(s, tuple) and s[0] == "robots_unreachable"
+                                   for s in states),
         "origins_blocked": sum(isinstance(s, tuple) and s[0] == "blocked_address"
                                for s in states),
         "guard": guard_stats,

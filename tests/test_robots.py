@@ -94,10 +94,10 @@ def test_robots_stage_drops_disallowed_urls_once_per_site(tmp_path: Path) -> Non
                         web.base_url + "/nobody/x.png",  # the '*' group does not apply to us
                         open_site.base_url + "/private/x.png"}  # 404: no rules at all
         assert sorted(r for r, _ in dropped) == ["blocked_address", "robots_disallowed",
-                                                 "robots_disallowed"]
+                                                 "robots_unreachable"]
         details = dict((d.split(" ")[0].rstrip(":"), r) for r, d in dropped)
         assert details[web.base_url + "/private/x.png"] == "robots_disallowed"
-        assert details[down.base_url + "/robots.txt"] == "robots_disallowed"  # 503: RFC 9309
+        assert details[down.base_url + "/robots.txt"] == "robots_unreachable"  # 503: RFC 9309
         assert details[internal.base_url + "/ok.png"] == "blocked_address"  # URL in detail
         assert any("'Disallow: /private/'" in d for _, d in dropped)
         assert report["rows_in"] == report["kept"] + report["dropped"] == len(urls)
