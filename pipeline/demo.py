@@ -73,14 +73,15 @@ def prepare_side_data(cfg: BuildConfig, pool_dir: Path, data_dir: Path) -> None:
             metadata.main(args)
 
 
-def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True) -> int:
+def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True,
+             fixture_only: bool = False) -> int:
     from pipeline.demoweb.manifests import write_manifests
     from pipeline.demoweb.pool import assemble_pool
     from pipeline.demoweb.server import DemoWeb
 
     t0 = time.time()
     data_dir = data_dir_for(cfg)
-    pool_dir = assemble_pool(data_dir)
+    pool_dir = assemble_pool(data_dir, prefer_system=not fixture_only)
     prepare_side_data(cfg, pool_dir, data_dir)
     port = PREFERRED_PORT if _free(PREFERRED_PORT) else 0
     with DemoWeb(pool_dir, port=port) as web:
@@ -109,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build", default="manifests/demo.yaml", help="the demo build YAML")
     p.add_argument("--until", choices=STAGE_NAMES, help="stop after this data stage")
     p.add_argument("--no-train", action="store_true", help="skip training and evaluation")
+    p.add_argument("--fixture-only", action="store_true",
+                   help="use the small committed fixture pool, not the Debian packages")
+    p.add_argument("--steps", type=int, help="override train.steps (a quick look)")
     args = p.parse_args(argv)
     cfg = load_build(args.build)
-    return run_demo(cfg, until=args.until, train=not args.no_train)
+    if args.steps:
+        cfg.train.steps = args.steps
+    return run_demo(cfg, until=args.until, train=not args.no_train,
+                    fixture_only=args.fixture_only)
