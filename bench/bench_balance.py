@@ -219,8 +219,8 @@ _STAGE_CHILD = r"""
 import json, sys
 from pathlib import Path
 from bench.bench_balance import run_stage_bench
-pool, entries, work, rows, mem = sys.argv[1:6]
-r = run_stage_bench(Path(pool), Path(entries), Path(work), int(rows), mem, "auto")
+pool, entries, work, rows, mem, method = sys.argv[1:7]
+r = run_stage_bench(Path(pool), Path(entries), Path(work), int(rows), mem, method)
 print(json.dumps(r))
 """
 
@@ -271,7 +271,8 @@ def main(argv: list[str]) -> int:
                       key=lambda m: res["methods"][m]["captions_per_s"])
         res["fastest_method"] = fastest
         res["stage"] = run_child(["-c", _STAGE_CHILD, str(pool), str(entries),
-                                  str(Path(tmp) / "stage"), str(rows), args.memory_limit])
+                                  str(Path(tmp) / "stage"), str(rows), args.memory_limit,
+                                  fastest])
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
