@@ -129,7 +129,7 @@ def _match_row_group(task: tuple[str, int, str, str, str, int]) -> tuple[int, in
 
 def match_parquet_ac(input_path: Path, entries: pa.Table, out_dir: Path, workers: int = 0,
                      uid_col: str = "uid", caption_col: str = "caption",
-                     batch_rows: int = 32768) -> int:
+                     batch_rows: int = 32768, spawn_min_rows: int = 100_000) -> int:
     """Match a Parquet file's captions row group by row group; parts go to out_dir.
 
     Returns the number of matches. ``workers`` processes (0 = CPU count) each build the
@@ -140,6 +140,8 @@ def match_parquet_ac(input_path: Path, entries: pa.Table, out_dir: Path, workers
     tasks = [(str(input_path), rg, uid_col, caption_col, str(out_dir), batch_rows)
              for rg in range(pf.num_row_groups)]
     workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
+    if pf.metadata.num_rows < spawn_min_rows:  # seconds of work: not worth spawning processes
+        workers = 1
     bar = tqdm(total=pf.metadata.num_rows, unit="rows", desc="match", leave=False)
     total = 0
     try:
