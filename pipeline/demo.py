@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.config import BuildConfig, load_build
 from pipeline.ledger import print_audit
-from pipeline.stage import STAGE_NAMES, enabled_stages, run_stage
+from pipeline.stage import STAGE_NAMES, StageError, enabled_stages, run_stage
 
 # A fixed preferred port keeps the manifests (and so every stage's fingerprint) stable
 # between runs; a busy port falls back to a free one and the manifests follow.
@@ -70,7 +70,8 @@ def prepare_side_data(cfg: BuildConfig, pool_dir: Path, data_dir: Path) -> None:
             args = ["--out", str(meta)]
             if not Path(metadata.DEFAULT_WORDNET).is_dir():
                 args.append("--no-wordnet")
-            metadata.main(args)
+            if metadata.main(args) != 0:
+                raise StageError(f"could not build the demo metadata {meta}")
 
 
 def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True,
