@@ -44,7 +44,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
