@@ -1,9 +1,10 @@
 """Training throughput: witforge's loop (loader + train step) against a bare open_clip step.
 
-Peer: the same model (witforge-tiny), open_clip's ClipLoss and AdamW on the same batches
-already in memory — no data pipeline, no logging, no checkpoints. Goal: ours >= 0.9x the peer,
-i.e. the streaming loader keeps up. Also: loader samples/s for one worker (decode +
-preprocess + tokenize, no model).
+Peer: the same model (witforge-tiny), open_clip's ClipLoss and AdamW (torch's default
+implementation) on the same batches already in memory — no data pipeline, no logging, no
+checkpoints — with the same torch thread count, measured before and after ours (mean).
+Goal: ours >= 0.9x the peer, i.e. the streaming loader keeps up. Also: loader samples/s for
+one worker (decode + preprocess + tokenize, no model).
 
     python -m bench.bench_train [--quick]
 """
@@ -72,26 +73,31 @@ def main(argv: list[str] | None = None) -> int:
         kept = [next(it)[:2] for _ in range(n_load)]
         loader_sps = n_load * batch / (time.perf_counter() - t0)
 
-        # Peer: bare open_clip steps on batches from the same shards, preloaded.
+        # Peer: bare open_clip steps on batches from the same shards, preloaded. Measured
+        # before AND after ours (mean) so load drift on a shared machine hits both sides alike.
         bare = [kept[i % len(kept)] for i in range(steps)]
-        peer_sps = bare_open_clip_steps(bare, arch)
+        threads = torch.get_num_threads()  # both sides run with the same torch thread count
+        peer_before = bare_open_clip_steps(bare, arch)
 
         # Ours: the whole loop (1 loader worker), steady state from its per-step timings.
         out = Path(tmp) / "run"
         train_main(["--train-data", str(shards), "--model", arch, "--batch-size", str(batch),
                     "--steps", str(steps), "--workers", "1", "--save-every", str(steps),
-                    "--out", str(out), "--warmup", "2"])
+                    "--out", str(out), "--warmup", "2", "--threads", str(threads)])
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         steady = rows[2:]
         ours_sps = len(steady) * batch / sum(r["step_s"] for r in steady)
         data_wait = sum(r["data_s"] for r in steady) / sum(r["step_s"] for r in steady)
+        peer_after = bare_open_clip_steps(bare, arch)
+        peer_sps = (peer_before + peer_after) / 2
 
     result = {
         "area": "train", "command": "python -m bench.bench_train" + (" --quick" if a.quick else ""),
         "model": arch, "batch_size": batch, "steps": steps,
-        "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cores": os.cpu_count(), "torch_threads_both_sides": threads, "loader_workers": 1,
         "ours_samples_per_s": round(ours_sps, 2),
         "peer_bare_open_clip_samples_per_s": round(peer_sps, 2),
+        "peer_before_after_samples_per_s": [round(peer_before, 2), round(peer_after, 2)],
         "ratio": round(ours_sps / peer_sps, 3), "goal_ratio": 0.9,
         "ours_data_wait_fraction": round(data_wait, 3),
         "loader_samples_per_s_per_worker": round(loader_sps, 1),

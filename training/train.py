@@ -48,6 +48,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             {"params": decay, "weight_decay": weight_decay}]
 
 
+def make_optimizer(groups: list[dict[str, Any]], lr: float,
+                   device: torch.device) -> torch.optim.AdamW:
+    """AdamW with the fused kernel where torch has one for the device (CPU and CUDA): one
+    call per step instead of a dozen tensor ops per parameter (bench: optimizer step 125 ->
+    10 ms for witforge-tiny on 2 cores)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=fused or None)
+
+
 def cosine_with_warmup(warmup: int, total: int):
     """LR multiplier: linear warmup to 1, then cosine decay to 0 at ``total`` steps."""
     def f(step: int) -> float:
@@ -137,8 +146,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
     torch.manual_seed(o.seed)
     model, train_pre, eval_pre, tokenizer = create(o.model, loss=o.loss, device=device)
     preprocess = eval_pre if o.no_augment else train_pre
-    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr,
-                                  betas=(0.9, 0.98), eps=1e-6)
+    optimizer = make_optimizer(param_groups(model, o.weight_decay), o.lr, device)
     if o.steps <= 0:
         o.steps = o.epochs * steps_per_epoch(o.train_data, o.batch_size * o.accum_freq, world,
                                              o.weights)
@@ -209,7 +217,8 @@ def train(o: TrainOptions) -> dict[str, Any]:
         if scaler is not None:
             scaler.unscale_(optimizer)
         if o.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip,
+                                           foreach=device.type in ("cpu", "cuda") or None)
         (scaler.step(optimizer), scaler.update()) if scaler is not None else optimizer.step()
         scheduler.step()
         clamp_logit_scale(model)
