@@ -7,11 +7,12 @@ messages and exit codes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
 
-from pipeline.config import ConfigError, load_build
+from pipeline.config import BuildConfig, ConfigError, load_build
 from pipeline.stage import STAGES, StageError, enabled_stages, run_stage
 
 # Commands that own their argument parsing: name -> (module with main(argv), one-line help).
@@ -100,18 +101,13 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline import ledger
 
             return 0 if ledger.print_explain(cfg, args.key) else 1
-        if args.command == "run":
-            for spec in enabled_stages(cfg):
-                run_stage(cfg, spec.name, force=args.force)
-                if spec.name == args.until:
-                    break
-            from pipeline import ledger
+        web = contextlib.nullcontext()
+        if cfg.demo_web and args.command in ("run", "robots", "crawl"):
+            from pipeline.demo import serving_demo_web
 
-            ledger.print_audit(cfg)
-            return 0
-        options = {"retry_failed": getattr(args, "retry_failed", False)}
-        run_stage(cfg, args.command, force=args.force, options=options)
-        return 0
+            web = serving_demo_web(cfg)  # the demo build's URLs live on the local demo web
+        with web:
+            return _run_stages(cfg, args)
     except (ConfigError, StageError) as e:
         print(f"witforge {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -119,6 +115,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"witforge {args.command}: interrupted; nothing half-written was kept, "
               "rerun to continue", file=sys.stderr)
         return 130
+
+
+def _run_stages(cfg: BuildConfig, args: argparse.Namespace) -> int:
+    if args.command == "run":
+        for spec in enabled_stages(cfg):
+            run_stage(cfg, spec.name, force=args.force)
+            if spec.name == args.until:
+                break
+        from pipeline import ledger
+
+        return 0 if ledger.print_audit(cfg) else 1
+    options = {"retry_failed": getattr(args, "retry_failed", False)}
+    run_stage(cfg, args.command, force=args.force, options=options)
+    return 0
 
 
 if __name__ == "__main__":

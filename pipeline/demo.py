@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline.config import BuildConfig, load_build
@@ -74,6 +76,29 @@ def prepare_side_data(cfg: BuildConfig, pool_dir: Path, data_dir: Path) -> None:
                 raise StageError(f"could not build the demo metadata {meta}")
 
 
+@contextlib.contextmanager
+def serving_demo_web(cfg: BuildConfig) -> Iterator[None]:
+    """Serve a demo build's web while a single stage runs outside `witforge demo`.
+
+    The web comes back at the address its manifests were written for (recorded in
+    manifests/web.json by `witforge demo`), and the crawl guard lets exactly it through.
+    """
+    from pipeline.demoweb.server import DemoWeb
+
+    data_dir = data_dir_for(cfg)
+    info = data_dir / "manifests" / "web.json"
+    if not info.is_file():
+        raise StageError(f"{cfg.path}: demo_web is on but {info} is missing: run `make demo` "
+                         "(or `witforge demo --until ingest`) once to write the demo manifests")
+    port = int(json.loads(info.read_text())["port"])
+    if not _free(port):
+        raise StageError(f"the demo web's port {port} (from {info}) is in use: stop what holds "
+                         "it, or rerun `make demo`, which picks a free port")
+    with DemoWeb(data_dir / "pool", port=port) as web:
+        cfg.crawl.allow_hosts = [web.host_port]
+        yield
+
+
 def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True,
              fixture_only: bool = False) -> int:
     from pipeline.demoweb.manifests import write_manifests
@@ -90,6 +115,8 @@ def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True,
         with tempfile.TemporaryDirectory() as tmp:
             write_manifests(pool_dir, web.base_url, Path(tmp))
             _write_if_changed(Path(tmp), data_dir / "manifests")
+        (data_dir / "manifests" / "web.json").write_text(
+            json.dumps({"base_url": web.base_url, "port": web.port}))
         # The demo web is on loopback: let exactly its host:port through the crawl guard.
         cfg.crawl.allow_hosts = [web.host_port]
         for spec in enabled_stages(cfg):
