@@ -7,6 +7,7 @@ shard writer) goes through this module, so adapting to another layout is one pla
 
 from __future__ import annotations
 
+import mmap
 import os
 import tarfile
 from collections import OrderedDict
@@ -17,6 +18,7 @@ from pathlib import Path
 # Columns of the crawl's kept.parquet that locate a sample's image.
 TAR_COL = "tar"
 KEY_COL = "key"
+_ZERO_BLOCK = bytes(512)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 
 
@@ -42,28 +44,32 @@ def _scan_ustar(path: str | Path) -> list[tuple[str, int, int]] | None:
     on anything else (pax or GNU long-name records, sparse files...) so the caller can fall
     back to tarfile. About 20× faster than tarfile's member objects.
     """
-    out = []
+    out: list[tuple[str, int, int]] = []
     with open(path, "rb") as f:
-        fd, offset = f.fileno(), 0
-        while True:
-            h = os.pread(fd, 512, offset)
-            if len(h) < 512:
-                return None if h else out
-            if h == b"\0" * 512:
-                return out
-            stored = int(h[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-            if stored != sum(h[:148]) + 256 + sum(h[156:]):
-                return None
-            kind = h[156:157]
-            if kind not in (b"0", b"\0", b"5"):
-                return None
-            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            name = h[:100].split(b"\0", 1)[0]
-            if h[257:262] == b"ustar" and h[345] != 0:
-                name = h[345:500].split(b"\0", 1)[0] + b"/" + name
-            if kind != b"5":
-                out.append((name.decode("utf-8"), offset + 512, size))
-            offset += 512 + size + (-size % 512)
+        if os.fstat(f.fileno()).st_size == 0:
+            return out
+        # a mapping, not a pread per header: slicing it costs no system call
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            offset = 0
+            while True:
+                h = mm[offset:offset + 512]
+                if len(h) < 512:
+                    return None if h else out
+                if h == _ZERO_BLOCK:
+                    return out
+                stored = int(h[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+                if stored != sum(h) - sum(h[148:156]) + 256:
+                    return None
+                kind = h[156:157]
+                if kind not in (b"0", b"\0", b"5"):
+                    return None
+                size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+                name = h[:100].split(b"\0", 1)[0]
+                if h[257:262] == b"ustar" and h[345] != 0:
+                    name = h[345:500].split(b"\0", 1)[0] + b"/" + name
+                if kind != b"5":
+                    out.append((name.decode("utf-8"), offset + 512, size))
+                offset += 512 + size + (-size % 512)
 
 
 def index_tar(path: str | Path) -> dict[str, Member]:

@@ -9,7 +9,7 @@ Output, inside the stage folder (so the runner's atomic rename covers it):
   the rows and the seed. With ``shard.upsample`` k > 1 every uid is written k times, keys
   ``<uid>_1`` … ``<uid>_k`` (each copy lands at its own place in the shuffle).
 * Byte-identical tars for the same inputs and seed: ustar headers with mtime 0, uid/gid 0, no
-  user/group names, mode 0444, written by :class:`TarWriter` (tarfile's header encoder, no
+  user/group names, mode 0444, laid out by :func:`_write_shard` (tarfile's header encoder, no
   clock, no PAX records).
 * ``sizes.json`` as open_clip reads it ({tar name: samples}), ``index.parquet`` (uid, key,
   copy, shard, member, position) and ``shards.parquet`` (shard, samples, bytes, sha256).
@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
+import os
 import tarfile
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,8 +41,6 @@ _PLAN_SQL = (Path(__file__).parent / "sql" / "shard_plan.sql").read_text()
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # GNU tar and tarfile pad archives to 10 KiB records
 _NOT_META = {TAR_COL, KEY_COL}
-# Starting worker processes costs ~1-2 s (imports); below this many samples one process wins.
-_MIN_PARALLEL_SAMPLES = 20_000  # where the bytes were in the crawl; meaningless after sharding
 
 
 def shard_name(i: int) -> str:
@@ -50,8 +48,12 @@ def shard_name(i: int) -> str:
 
 
 _HEAD = b"0000444\0" + b"0000000\0" * 2  # mode 0444, uid 0, gid 0
+_MTIME = b"00000000000\0"
 # type file, no link name, ustar magic, no user/group names, no device numbers, no prefix
 _TAIL = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 64 + b"\0" * 16 + b"\0" * 167
+# the checksum counts every header byte, the checksum field itself as 8 spaces: only the name
+# and size fields vary, so the rest is summed once
+_CHK_CONST = sum(_HEAD) + sum(_MTIME) + sum(_TAIL) + 8 * 32
 
 
 def ustar_header(name: str, size: int) -> bytes:
@@ -64,36 +66,13 @@ def ustar_header(name: str, size: int) -> bytes:
         ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = (
             size, 0, 0o444, 0, 0, "", "")
         return ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
-    head = raw.ljust(100, b"\0") + _HEAD + b"%011o\0" % size + b"00000000000\0"
-    chksum = sum(head) + sum(_TAIL) + 8 * 32  # the checksum field counts as 8 spaces
-    return head + b"%06o\0 " % chksum + _TAIL
+    octal = b"%011o\0" % size
+    chksum = sum(raw) + sum(octal) + _CHK_CONST
+    return b"".join((raw.ljust(100, b"\0"), _HEAD, octal, _MTIME, b"%06o\0 " % chksum, _TAIL))
 
 
-class TarWriter:
-    """A minimal deterministic ustar writer that hashes what it writes."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f = f
-        self.sha = hashlib.sha256()
-        self.bytes = 0
-
-    def _put(self, b: bytes | memoryview) -> None:
-        self.f.write(b)
-        self.sha.update(b)
-        self.bytes += len(b)
-
-    def add(self, name: str, data: bytes) -> None:
-        self._put(ustar_header(name, len(data)))
-        self._put(data)
-        pad = -len(data) % _BLOCK
-        if pad:
-            self._put(b"\0" * pad)
-
-    def close(self) -> str:
-        end = 2 * _BLOCK
-        end += -(self.bytes + end) % _RECORD
-        self._put(b"\0" * end)
-        return self.sha.hexdigest()
+def _padded(n: int) -> int:
+    return n + (-n % _BLOCK)
 
 
 def _json_value(col: str, v: Any) -> Any:
@@ -116,42 +95,80 @@ def _index_members(con: Any, run_dir: Path, store: ImageStore) -> int:
             for k, v in (("tar", tar), ("key", m.key), ("abs", path), ("ext", m.ext),
                          ("offset", m.offset), ("size", m.size)):
                 cols[k].append(v)
-    con.register("members_arrow", pa.table({
-        "tar": pa.array(cols["tar"], pa.string()), "key": pa.array(cols["key"], pa.string()),
-        "abs": pa.array(cols["abs"], pa.string()), "ext": pa.array(cols["ext"], pa.string()),
-        "offset": pa.array(cols["offset"], pa.int64()), "size": pa.array(cols["size"], pa.int64()),
-    }))
-    con.execute("CREATE TEMP TABLE members AS SELECT * FROM members_arrow")
+    # list parameters, not con.register/pyarrow: building arrow arrays imports pandas (~0.5 s)
+    con.execute("CREATE TEMP TABLE members AS SELECT unnest($1::VARCHAR[]) AS tar, "
+                "unnest($2::VARCHAR[]) AS key, unnest($3::VARCHAR[]) AS abs, "
+                "unnest($4::VARCHAR[]) AS ext, unnest($5::BIGINT[]) AS \"offset\", "
+                "unnest($6::BIGINT[]) AS size",
+                [cols[k] for k in ("tar", "key", "abs", "ext", "offset", "size")])
     return len(tars)
 
 
-_STORE: ImageStore | None = None  # per process: open crawl tars stay open across shards
+_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                         default=str)
 
 
 def _write_shard(job: tuple[str, str, list[str], list[tuple]]
                  ) -> tuple[str, int, int, str, dict[str, list]]:
-    """Write one shard; returns (name, samples, bytes, sha256, index rows)."""
-    global _STORE
-    if _STORE is None:
-        _STORE = ImageStore(max_open=256)
+    """Write one shard; returns (name, samples, bytes, sha256, index rows).
+
+    The whole tar is laid out in one zeroed buffer (headers, then each image read straight
+    into its slot with preadv: no per-member bytes objects, padding comes free), hashed and
+    written in one call each. Reads, hashing and the write release the GIL, so threads writing
+    different shards overlap.
+    """
     out_dir, name, meta_cols, batch = job
     index: dict[str, list] = {k: [] for k in ("uid", "key", "copy", "shard", "member",
                                               "position")}
-    with open(Path(out_dir) / name, "wb", buffering=1 << 20) as f:
-        w = TarWriter(f)
-        for position, row in enumerate(batch):
-            _, key, copy, path, ext, offset, size = row[:7]
-            meta = {c: _json_value(c, v) for c, v in zip(meta_cols, row[7:], strict=True)}
-            meta["key"] = key
-            w.add(f"{key}.{ext}", _STORE.read(path, offset, size))
-            w.add(f"{key}.json", json.dumps(meta, sort_keys=True, ensure_ascii=False,
-                                            separators=(",", ":"), default=str).encode())
-            w.add(f"{key}.txt", (meta["caption"] or "").encode("utf-8"))
-            for k, v in (("uid", meta["uid"]), ("key", key), ("copy", copy), ("shard", name),
-                         ("member", f"{key}.{ext}"), ("position", position)):
-                index[k].append(v)
-        digest = w.close()
-    return name, len(batch), w.bytes, digest, index
+    members: list[tuple[bytes, bytes | tuple[str, int, int]]] = []
+    total = 0
+    for position, row in enumerate(batch):
+        _, key, copy, path, ext, offset, size = row[:7]
+        meta = {c: _json_value(c, v) for c, v in zip(meta_cols, row[7:], strict=True)}
+        meta["key"] = key
+        image = f"{key}.{ext}"
+        js = _JSON.encode(meta).encode()
+        txt = (meta["caption"] or "").encode("utf-8")
+        members += ((ustar_header(image, size), (path, offset, size)),
+                    (ustar_header(f"{key}.json", len(js)), js),
+                    (ustar_header(f"{key}.txt", len(txt)), txt))
+        total += 3 * _BLOCK + _padded(size) + _padded(len(js)) + _padded(len(txt))
+        for k, v in (("uid", meta["uid"]), ("key", key), ("copy", copy), ("shard", name),
+                     ("member", image), ("position", position)):
+            index[k].append(v)
+    total += 2 * _BLOCK
+    total += -total % _RECORD
+    buf = bytearray(total)
+    view = memoryview(buf)
+    fds: dict[str, int] = {}
+    try:
+        pos = 0
+        for header, data in members:
+            h = len(header)
+            view[pos:pos + h] = header
+            pos += h
+            if isinstance(data, bytes):
+                view[pos:pos + len(data)] = data
+                pos += _padded(len(data))
+                continue
+            path, offset, size = data
+            fd = fds.get(path)
+            if fd is None:
+                fd = fds[path] = os.open(path, os.O_RDONLY)
+            got = os.preadv(fd, [view[pos:pos + size]], offset) if size else 0
+            if got != size:
+                raise StageError(f"shard: {path}: short read at offset {offset} "
+                                 f"({got} of {size} bytes)")
+            pos += _padded(size)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    digest = hashlib.sha256(view).hexdigest()
+    with open(Path(out_dir) / name, "wb", buffering=0) as f:
+        done = 0
+        while done < total:
+            done += f.write(view[done:])
+    return name, len(batch), total, digest, index
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -184,10 +201,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 i += 1
 
         bar = tqdm(total=total, desc="shard", unit="sample", leave=False)
-        # shards are independent: with enough work, worker processes write them side by side
-        parallel = s.workers > 1 and total >= _MIN_PARALLEL_SAMPLES
-        with (mp.get_context("spawn").Pool(s.workers) if parallel else nullcontext()) as pool:
-            done = pool.imap(_write_shard, batches()) if pool else map(_write_shard, batches())
+        # shards are independent: worker threads write them side by side (the heavy parts,
+        # reading, hashing and writing big buffers, release the GIL)
+        parallel = s.workers > 1 and total > s.samples_per_shard
+        with ThreadPoolExecutor(s.workers if parallel else 1) as pool:
+            done = pool.map(_write_shard, batches())
             for name, n, nbytes, digest, rows in done:
                 for k, v in (("shard", name), ("samples", n), ("bytes", nbytes),
                              ("sha256", digest)):

@@ -152,10 +152,7 @@ def test_fast_tar_index_equals_tarfile(tmp_path):
             k: v for k, v in ref.items() if not k.endswith(".txt")}
 
 
-def test_worker_processes_write_the_same_bytes(tmp_path, monkeypatch):
-    import pipeline.shard
-
-    monkeypatch.setattr(pipeline.shard, "_MIN_PARALLEL_SAMPLES", 0)
+def test_worker_threads_write_the_same_bytes(tmp_path):
     samples = _samples(11, seed=2)
     one, _ = _build(tmp_path / "one", "  samples_per_shard: 3\n  workers: 1\n", samples)
     two, _ = _build(tmp_path / "two", "  samples_per_shard: 3\n  workers: 2\n", samples)
