@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 # Columns of the crawl's kept.parquet that locate a sample's image.
 TAR_COL = "tar"
 KEY_COL = "key"
@@ -50,16 +52,17 @@ def _scan_ustar(path: str | Path) -> list[tuple[str, int, int]] | None:
             return out
         # a mapping, not a pread per header: slicing it costs no system call
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            offset = 0
+            offset, heads, stored = 0, [], []
             while True:
                 h = mm[offset:offset + 512]
                 if len(h) < 512:
-                    return None if h else out
+                    if h:
+                        return None
+                    break
                 if h == _ZERO_BLOCK:
-                    return out
-                stored = int(h[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-                if stored != sum(h) - sum(h[148:156]) + 256:
-                    return None
+                    break
+                stored.append(int(h[148:156].split(b"\0", 1)[0].strip() or b"0", 8))
+                heads.append(offset)
                 kind = h[156:157]
                 if kind not in (b"0", b"\0", b"5"):
                     return None
@@ -70,6 +73,17 @@ def _scan_ustar(path: str | Path) -> list[tuple[str, int, int]] | None:
                 if kind != b"5":
                     out.append((name.decode("utf-8"), offset + 512, size))
                 offset += 512 + size + (-size % 512)
+            if heads:
+                # checksums of all headers at once (a Python sum per header was half the scan)
+                blocks = np.frombuffer(mm, np.uint8, len(mm) // 512 * 512).reshape(-1, 512)
+                rows = blocks[np.asarray(heads) // 512]
+                sums = rows.sum(axis=1, dtype=np.int64) - rows[:, 148:156].sum(
+                    axis=1, dtype=np.int64) + 256
+                ok = bool((sums == np.asarray(stored, np.int64)).all())
+                del blocks, rows  # the mapping cannot close while arrays view it
+                if not ok:
+                    return None
+    return out
 
 
 def index_tar(path: str | Path) -> dict[str, Member]:
