@@ -2,7 +2,7 @@
 
 Peer: the same model (witforge-tiny), open_clip's ClipLoss and AdamW (torch's default
 implementation) on the same batches already in memory — no data pipeline, no logging, no
-checkpoints — with the same torch thread count, measured before and after ours. Both sides:
+checkpoints — with the same torch thread count, alternating with ours in chunks. Both sides:
 samples/s = batch / median step time after 2 warm-up steps (the median resists bursts of
 load from other processes on a shared machine; ours' mean is reported too).
 Goal: ours >= 0.9x the peer, i.e. the streaming loader keeps up. Also: loader samples/s for
@@ -27,8 +27,9 @@ import torch
 RESULTS = Path(__file__).parent / "results" / "train.json"
 
 
-def bare_open_clip_steps(batches, arch: str) -> list[float]:
-    """Seconds per step of model + ClipLoss + AdamW alone (after 2 warm-up steps)."""
+def bare_open_clip(arch: str):
+    """A function running model + ClipLoss + AdamW steps on in-memory batches, returning
+    the seconds of each step; model and optimizer persist across calls."""
     from open_clip.loss import ClipLoss
 
     import training.model as M
@@ -37,6 +38,10 @@ def bare_open_clip_steps(batches, arch: str) -> list[float]:
     model, _, _, _ = M.create(arch)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.2)
     loss_fn = ClipLoss()
+    return lambda batches: _steps(model, opt, loss_fn, batches)
+
+
+def _steps(model, opt, loss_fn, batches) -> list[float]:
     times = []
     for images, texts in batches:
         t0 = time.perf_counter()
@@ -45,7 +50,7 @@ def bare_open_clip_steps(batches, arch: str) -> list[float]:
         loss_fn(img, txt, scale).backward()
         opt.step()
         times.append(time.perf_counter() - t0)
-    return times[2:]
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.train import main as train_main
 
     arch = "witforge-tiny"
-    batch, steps = (32, 10) if a.quick else (64, 30)
+    batch, steps = (32, 12) if a.quick else (64, 30)
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "shards"
         write_toy_shards(shards, batch * 8, per_shard=batch * 2, size=96)
@@ -75,23 +80,28 @@ def main(argv: list[str] | None = None) -> int:
         kept = [next(it)[:2] for _ in range(n_load)]
         loader_sps = n_load * batch / (time.perf_counter() - t0)
 
-        # Peer: bare open_clip steps on batches from the same shards, preloaded. Measured
-        # before AND after ours (pooled) so load drift on a shared machine hits both sides alike.
+        # Peer: bare open_clip steps on batches from the same shards, preloaded. Ours: the
+        # whole loop (1 loader worker) from its per-step timings. The two alternate in chunks
+        # of steps (ours stops with --stop-at and resumes) so bursts of load from other
+        # processes on a shared machine hit both sides alike. Both skip the first 2 steps;
+        # ours also skips each resumed chunk's first step (loader worker start-up).
         bare = [kept[i % len(kept)] for i in range(steps)]
         threads = torch.get_num_threads()  # both sides run with the same torch thread count
-        peer_before = bare_open_clip_steps(bare, arch)
-
-        # Ours: the whole loop (1 loader worker), steady state from its per-step timings.
+        peer = bare_open_clip(arch)
         out = Path(tmp) / "run"
-        train_main(["--train-data", str(shards), "--model", arch, "--batch-size", str(batch),
-                    "--steps", str(steps), "--workers", "1", "--save-every", str(steps),
-                    "--out", str(out), "--warmup", "2", "--threads", str(threads)])
+        chunk = steps // 3
+        peer_times = peer(bare[:2])[:0]
+        for stop in range(chunk, steps + 1, chunk):
+            peer_times += peer(bare[stop - chunk:stop])
+            train_main(["--train-data", str(shards), "--model", arch, "--batch-size",
+                        str(batch), "--steps", str(steps), "--stop-at", str(stop),
+                        "--workers", "1", "--save-every", str(chunk), "--out", str(out),
+                        "--warmup", "2", "--threads", str(threads), "--resume", "latest"])
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        steady = rows[2:]
+        steady = [r for r in rows if r["step"] > 2 and (r["step"] - 1) % chunk != 0]
         ours_sps = batch / statistics.median(r["step_s"] for r in steady)
         data_wait = sum(r["data_s"] for r in steady) / sum(r["step_s"] for r in steady)
-        peer_after = bare_open_clip_steps(bare, arch)
-        peer_sps = batch / statistics.median(peer_before + peer_after)
+        peer_sps = batch / statistics.median(peer_times)
 
     result = {
         "area": "train", "command": "python -m bench.bench_train" + (" --quick" if a.quick else ""),
@@ -99,10 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         "cores": os.cpu_count(), "torch_threads_both_sides": threads, "loader_workers": 1,
         "ours_samples_per_s": round(ours_sps, 2),
         "peer_bare_open_clip_samples_per_s": round(peer_sps, 2),
-        "peer_before_after_samples_per_s": [round(batch / statistics.median(t), 2)
-                                            for t in (peer_before, peer_after)],
-        "peer_mean_samples_per_s": round(len(peer_before + peer_after) * batch
-                                         / sum(peer_before + peer_after), 2),
+        "peer_mean_samples_per_s": round(len(peer_times) * batch / sum(peer_times), 2),
+        "steps_measured_ours_peer": [len(steady), len(peer_times)],
         "ours_mean_samples_per_s": round(len(steady) * batch / sum(r["step_s"] for r in steady),
                                          2),
         "ratio": round(ours_sps / peer_sps, 3), "goal_ratio": 0.9,
