@@ -173,6 +173,8 @@ def train(o: TrainOptions) -> dict[str, Any]:
         position = LoaderPosition.from_dict(loaders[str(rank)])
         if main_proc:
             _truncate_metrics(metrics_path, step)
+    elif main_proc and metrics_path.is_file():
+        metrics_path.unlink()  # a fresh run must not plot on top of an earlier run's curve
 
     loader_cfg = LoaderConfig(
         sources=o.train_data, weights=o.weights, batch_size=o.batch_size, seed=o.seed,
