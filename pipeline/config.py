@@ -126,7 +126,7 @@ class ShardConfig:
     samples_per_shard: int = 1000
     seed: int = 0
     upsample: int = 1
-    workers: int = 2  # processes writing shards side by side (same bytes for any number)
+    workers: int = 2  # threads writing shards side by side (same bytes for any number)
 
 
 @dataclass
