@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from pipeline.cli import main as cli_main
 from pipeline.config import load_build
 from pipeline.demo import main as demo_main
 from pipeline.ledger import audit
@@ -72,6 +73,13 @@ def test_demo_end_to_end_on_the_fixture(tmp_path: Path) -> None:
     before = (cfg.run_dir / "11_shard" / "report.json").stat().st_mtime_ns
     assert demo_main(["--build", str(y), "--fixture-only"]) == 0
     assert (cfg.run_dir / "11_shard" / "report.json").stat().st_mtime_ns == before
+    # A single stage of the demo build, outside `witforge demo`, serves the demo web again
+    # at the manifests' address: a crawl from scratch gets the same images.
+    kept = json.loads((cfg.run_dir / "06_crawl" / "report.json").read_text())["kept"]
+    shutil.rmtree(cfg.run_dir / "06_crawl.work")
+    assert cli_main(["crawl", "--build", str(y), "--force"]) == 0
+    report = json.loads((cfg.run_dir / "06_crawl" / "report.json").read_text())
+    assert report["kept"] == kept and report["downloaded_images"] == kept
 
 
 @pytest.mark.slow
