@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BuildConfig
-from pipeline.stage import get_spec, kept_of, stage_dir
+from pipeline.stage import get_spec, kept_of, read_report, stage_dir
 from training.evaluate import retrieval, zero_shot
 from training.model import load_for_inference
 from training.options import PRECISIONS, TrainOptions
@@ -41,11 +41,12 @@ def options_for(cfg: BuildConfig, data: list[str], out: Path) -> TrainOptions:
     return o
 
 
-def _train_once(o: TrainOptions) -> dict[str, Any]:
-    """Train unless the same options already produced a final model (make-like rerun)."""
+def _train_once(o: TrainOptions, data_fingerprint: str) -> dict[str, Any]:
+    """Train unless the same options on the same data already produced a final model."""
     out = Path(o.out)
-    summary, opts = out / "summary.json", out / "options.json"
+    summary, opts, data = out / "summary.json", out / "options.json", out / "data_fingerprint"
     if (summary.exists() and opts.exists() and (out / "model.pt").exists()
+            and data.exists() and data.read_text() == data_fingerprint
             and json.loads(opts.read_text()) == json.loads(json.dumps(o.to_dict()))):
         print(f"[train] {out} up to date, skipped")
         return json.loads(summary.read_text())
@@ -53,7 +54,9 @@ def _train_once(o: TrainOptions) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(o.threads)
-    return train(o)
+    result = train(o)
+    data.write_text(data_fingerprint)
+    return result
 
 
 def _evaluate(cfg: BuildConfig, model_path: Path, out: Path) -> list[dict[str, Any]]:
@@ -94,13 +97,17 @@ def train_and_evaluate(cfg: BuildConfig, data_dir: Path | None = None) -> dict[s
         "curated": [str(stage_dir(cfg, get_spec("shard")))],
         "raw_crawl": raw_crawl_tars(cfg),
     }
+    # The stage whose output each run trains on: its fingerprint says when to train again.
+    data_stage = {"curated": "shard", "raw_crawl": "crawl"}
     results: dict[str, list[dict[str, Any]]] = {}
     summaries: dict[str, dict[str, Any]] = {}
     for name, data in runs.items():
         out = cfg.run_dir / ("train" if name == "curated" else f"train_{name}")
         print(f"\n[train] {name}: {cfg.train.model}, {cfg.train.steps} steps x batch "
               f"{cfg.train.batch_size} on {len(data)} source(s)", file=sys.stderr)
-        summaries[name] = _train_once(options_for(cfg, data, out))
+        report = read_report(stage_dir(cfg, get_spec(data_stage[name])))
+        fp = report["fingerprint"] if report else ""
+        summaries[name] = _train_once(options_for(cfg, data, out), fp)
         results[name] = _evaluate(cfg, out / "model.pt", cfg.run_dir / "eval" / name)
     header = ("eval set", "metric", "chance", *runs)
     rows = _rows(results)
