@@ -45,7 +45,7 @@ def _check_build(y: Path) -> None:
     reasons = {r for a in results for r in a.by_reason}
     for expected in ("exact_repeat", "robots_disallowed", "http_404", "http_5xx",
                      "disallowed_header", "redirect_loop", "deadline_exceeded",
-                     "duplicate_image_sha256"):
+                     "duplicate_image_sha256", "duplicate_url_caption"):
         assert expected in reasons, f"{expected} missing from {sorted(reasons)}"
     # Nothing the demo web held out for evaluation reached the shards.
     pool = y.parent.parent / "demo_data" / "pool" / "pool.parquet"

@@ -163,6 +163,15 @@ def write_manifests(pool_dir: Path, base_url: str, out_dir: Path, seed: int = 0,
         junk.append({"source": other, "url": x["url"], "caption": x["caption"],
                      "kind": "repeat_same_file" if i % 2 == 0 else "repeat_other_file",
                      "repaired": ""})
+    # The same pair again behind a tracked or fragment URL, as link shorteners and share
+    # buttons write them: only URL canonicalization (url_dedup) sees they are one pair.
+    variants = ["?utm_source=newsletter&utm_medium=email", "#gallery", "?fbclid=IwAR0x"]
+    for i, r in enumerate(sorted(clean, key=lambda r: _h(seed, "variant", r["image_id"]))
+                          [:n_repeat]):
+        u = url("/img/{file}", r) + variants[i % len(variants)]
+        rows.append({"source": source_of(r), "url": u, "caption": r["caption"], "img": r})
+        junk.append({"source": source_of(r), "url": u, "caption": r["caption"],
+                     "kind": "url_variant", "repaired": ""})
     rows.sort(key=lambda x: _h(seed, "row", x["source"] + x["url"] + x["caption"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = _write_files(rows, faults, junk, out_dir, seed)
