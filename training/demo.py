@@ -7,7 +7,6 @@ printed and written to runs/<build>/eval/summary.md (+ .json).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from pipeline.config import BuildConfig
 from pipeline.stage import get_spec, kept_of, read_report, stage_dir
 from training.evaluate import retrieval, zero_shot
 from training.model import load_for_inference
-from training.options import PRECISIONS, TrainOptions
+from training.options import PRECISIONS, TrainOptions, options_from_build
 from training.train import train
 
 
@@ -32,12 +31,10 @@ def raw_crawl_tars(cfg: BuildConfig) -> list[str]:
 
 
 def options_for(cfg: BuildConfig, data: list[str], out: Path) -> TrainOptions:
-    o = TrainOptions()
-    for f in dataclasses.fields(cfg.train):
-        if hasattr(o, f.name):
-            setattr(o, f.name, getattr(cfg.train, f.name))
+    """The build's training recipe on other data; evaluation happens after, for both runs."""
+    o = options_from_build(cfg)
     o.precision = PRECISIONS[o.precision]
-    o.train_data, o.out = data, str(out)
+    o.train_data, o.out, o.zeroshot, o.retrieval = data, str(out), [], []
     return o
 
 

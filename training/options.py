@@ -97,22 +97,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def options_from_build(cfg: Any) -> TrainOptions:
+    """A build's train: and eval: sections, training on its shard folder into runs/<build>/train."""
+    from pipeline.stage import get_spec, stage_dir
+
+    o = TrainOptions()
+    for f in dataclasses.fields(cfg.train):
+        if hasattr(o, f.name):
+            setattr(o, f.name, getattr(cfg.train, f.name))
+    o.train_data = [str(stage_dir(cfg, get_spec("shard")))]
+    o.out = str(cfg.run_dir / "train")
+    o.zeroshot = [str(cfg.resolve(p)) for p in cfg.eval.zeroshot]
+    o.retrieval = [str(cfg.resolve(p)) for p in cfg.eval.retrieval]
+    o.templates = cfg.eval.templates
+    return o
+
+
 def parse_options(argv: list[str]) -> TrainOptions:
     args = _parser().parse_args(argv)
     o = TrainOptions()
     if args.build:
         from pipeline.config import load_build
-        from pipeline.stage import get_spec, stage_dir
 
-        cfg = load_build(args.build)
-        for f in dataclasses.fields(cfg.train):
-            if hasattr(o, f.name):
-                setattr(o, f.name, getattr(cfg.train, f.name))
-        o.train_data = [str(stage_dir(cfg, get_spec("shard")))]
-        o.out = str(cfg.run_dir / "train")
-        o.zeroshot = [str(cfg.resolve(p)) for p in cfg.eval.zeroshot]
-        o.retrieval = [str(cfg.resolve(p)) for p in cfg.eval.retrieval]
-        o.templates = cfg.eval.templates
+        o = options_from_build(load_build(args.build))
     for key, value in vars(args).items():
         if key != "build" and value is not None:
             setattr(o, key, value)
