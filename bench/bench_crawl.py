@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-import duckdb
+from bench.img2dataset_peer import demo_sources_yaml, successes, write_peer_job
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "crawl.json"
@@ -35,22 +35,12 @@ crawl: {{image_size: 64, resize_mode: center_crop, encode_quality: 90, timeout: 
         processes_count: 2, thread_count: 16, number_sample_per_shard: {per_shard},
         robots: false, guard: false}}
 """
-PEER = """\
-import json, sys
-from img2dataset import download
-if __name__ == "__main__":
-    download(**json.load(open(sys.argv[1])))
-"""
 
 
 def _build(manifests: Path, work: Path, per_shard: int) -> Path:
     y = work / "build.yaml"
     y.write_text(
-        f"name: bench\nruns_dir: {work / 'runs'}\nsources:\n"
-        f"  - {{path: {manifests}/cc3m.tsv, format: tsv, header: false, caption_col: column0, "
-        "url_col: column1, tag: cc3m}\n"
-        f"  - {{path: {manifests}/laion.parquet, url_col: URL, caption_col: TEXT, tag: laion}}\n"
-        f"  - {{path: {manifests}/web.jsonl, url_col: url, caption_col: alt, tag: web}}\n"
+        f"name: bench\nruns_dir: {work / 'runs'}\n" + demo_sources_yaml(manifests) +
         "url_dedup: {enabled: false}\n" + CRAWL_YAML.format(per_shard=per_shard))
     return y
 
@@ -71,28 +61,19 @@ def run_stage_once(cfg) -> dict:
 
 
 def run_peer_once(cfg, work: Path) -> dict:
-    from pipeline.crawl_attempt import Attempt, download_kwargs, worker_env
+    from pipeline.crawl_attempt import worker_env
 
     folder = work / "peer"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     # The same uid-sorted url list the stage writes, so both sides see identical shards.
-    from pipeline.stage import kept_of
-
-    urls = folder / "urls.parquet"
-    duckdb.sql(f"COPY (SELECT uid, url, caption FROM '{kept_of(cfg, 'text_filter')}' "
-               f"ORDER BY uid) TO '{urls}' (FORMAT parquet)")
-    kwargs = download_kwargs(cfg, Attempt(0, folder))
-    (folder / "job.json").write_text(json.dumps(kwargs))
-    (folder / "peer.py").write_text(PEER)
+    cmd = write_peer_job(cfg, folder)
     t = time.perf_counter()
     with open(folder / "peer.log", "wb") as log:
-        subprocess.run([sys.executable, str(folder / "peer.py"), str(folder / "job.json")],
-                       check=True, stdout=log, stderr=subprocess.STDOUT, env=worker_env(cfg),
-                       cwd=folder)
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,
+                       env=worker_env(cfg), cwd=folder)
     secs = time.perf_counter() - t
-    images = duckdb.sql(f"SELECT count(*) FROM '{folder}/images/*.parquet' "
-                        "WHERE status = 'success'").fetchall()[0][0]
+    images = successes(folder)
     return {"seconds": round(secs, 2), "images": images,
             "images_per_s": round(images / secs, 2)}
 

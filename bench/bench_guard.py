@@ -33,26 +33,18 @@ from typing import Any
 
 import duckdb
 
+from bench.img2dataset_peer import demo_sources_yaml, successes, write_peer_job
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "guard.json"
 DATA = ROOT / "bench" / "data" / "guard"
-PEER = """\
-import json, sys
-from img2dataset import download
-if __name__ == "__main__":
-    download(**json.load(open(sys.argv[1])))
-"""
 
 
 def _build(manifests: Path, work: Path, name: str, per_shard: int, deadline: float,
            allow: list[str], extra_source: str = "") -> Path:
     y = work / f"{name}.yaml"
     y.write_text(
-        f"name: {name}\nruns_dir: {work / 'runs'}\nsources:\n"
-        f"  - {{path: {manifests}/cc3m.tsv, format: tsv, header: false, caption_col: column0, "
-        "url_col: column1, tag: cc3m}\n"
-        f"  - {{path: {manifests}/laion.parquet, url_col: URL, caption_col: TEXT, tag: laion}}\n"
-        f"  - {{path: {manifests}/web.jsonl, url_col: url, caption_col: alt, tag: web}}\n"
+        f"name: {name}\nruns_dir: {work / 'runs'}\n" + demo_sources_yaml(manifests)
         + extra_source +
         "url_dedup: {enabled: false}\n"
         "crawl: {image_size: 64, resize_mode: center_crop, encode_quality: 90, timeout: 3,\n"
@@ -64,20 +56,14 @@ def _build(manifests: Path, work: Path, name: str, per_shard: int, deadline: flo
 
 def crawl_once(cfg: Any, folder: Path, guarded: bool, kill_after: float = 0.0) -> dict[str, Any]:
     """img2dataset.download in a fresh process, through the guard or not."""
-    from pipeline.crawl_attempt import Attempt, download_kwargs, worker_env
+    from pipeline.crawl_attempt import worker_env
     from pipeline.guard.proxy import GuardProxy, crawl_timeout, settings_from_crawl
-    from pipeline.stage import kept_of
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    urls = folder / "urls.parquet"
-    duckdb.sql(f"COPY (SELECT uid, url, caption FROM '{kept_of(cfg, 'text_filter')}' "
-               f"ORDER BY uid) TO '{urls}' (FORMAT parquet)")
-    kwargs = download_kwargs(cfg, Attempt(0, folder))
     # Alone: img2dataset's own per-read timeout; guarded: the timeout the crawl stage uses.
-    kwargs["timeout"] = crawl_timeout(cfg.crawl) if guarded else cfg.crawl.timeout
-    (folder / "job.json").write_text(json.dumps(kwargs))
-    (folder / "peer.py").write_text(PEER)
+    cmd = write_peer_job(cfg, folder,
+                         crawl_timeout(cfg.crawl) if guarded else cfg.crawl.timeout)
     env = {k: v for k, v in worker_env(cfg).items() if not k.lower().endswith("_proxy")}
     proxy = GuardProxy(settings_from_crawl(cfg.crawl), events_path=folder / "guard.jsonl")
     finished = True
@@ -87,10 +73,8 @@ def crawl_once(cfg: Any, folder: Path, guarded: bool, kill_after: float = 0.0) -
             env.update(proxy.env())
         t = time.perf_counter()
         try:
-            proc = subprocess.Popen([sys.executable, str(folder / "peer.py"),
-                                     str(folder / "job.json")], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, cwd=folder,
-                                    start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    cwd=folder, start_new_session=True)
             try:
                 proc.wait(timeout=kill_after or None)
             except subprocess.TimeoutExpired:
@@ -102,8 +86,7 @@ def crawl_once(cfg: Any, folder: Path, guarded: bool, kill_after: float = 0.0) -
             proxy.stop()
     if finished and proc.returncode != 0:
         raise RuntimeError(f"img2dataset failed, see {folder / 'peer.log'}")
-    images = duckdb.sql(f"SELECT count(*) FROM '{folder}/images/*.parquet' "
-                        "WHERE status = 'success'").fetchall()[0][0] if finished else None
+    images = successes(folder) if finished else None
     out = {"seconds": round(secs, 2), "finished": finished, "images": images,
            "images_per_s": round(images / secs, 2) if images else None}
     if guarded:
