@@ -10,8 +10,10 @@ interrupted stage leaves nothing half-written.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -142,10 +144,51 @@ def read_report(folder: Path) -> dict[str, Any] | None:
     return json.loads((folder / "report.json").read_text())
 
 
+_OWN_PACKAGES = ("pipeline", "dedup", "training")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The witforge modules a source file imports (``from pipeline import stage`` may name
+    a module or a function: both candidates are returned, the caller keeps what exists)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return {n for n in names if n.split(".")[0] in _OWN_PACKAGES}
+
+
+def code_files(module: str) -> list[Path]:
+    """Every file whose change can change a stage's output: its module, the witforge modules
+    it imports (transitively), and the .sql files next to them that they name."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:
+            continue
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        seen[name] = Path(spec.origin)
+        todo.extend(_imported_modules(seen[name]))
+    files = set(seen.values())
+    for path in list(files):
+        text = path.read_text(encoding="utf-8")
+        files.update(q for q in (path.parent / "sql").rglob("*.sql") if q.name in text)
+    return sorted(files)
+
+
 def _code_hash(module: str) -> str:
-    mod = importlib.import_module(module)
-    src = Path(mod.__file__).read_bytes() if mod.__file__ else b""
-    return hashlib.sha256(src).hexdigest()[:16]
+    h = hashlib.sha256()
+    for path in code_files(module):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def fingerprint(cfg: BuildConfig, spec: StageSpec, upstream: str) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.config import load_build
 from pipeline.ledger import audit, explain
-from pipeline.stage import StageError, kept_of, run_stage
+from pipeline.stage import StageError, code_files, kept_of, run_stage
 
 ROWS = [("http://Example.COM/a.jpg", "a red apple"), ("https://x.org/b.png", "blue sky")]
 
@@ -169,3 +169,13 @@ def test_audit_and_explain(tmp_path: Path) -> None:
     Path(f"{d}.x").replace(d)
     (a,) = audit(cfg)
     assert not a.ok
+
+
+def test_stage_fingerprint_covers_imported_code_and_named_sql() -> None:
+    # A change to ftfy's fast path or to the ingest SQL must rerun ingest, not reuse old output.
+    files = {str(p.relative_to(Path(__file__).parents[1])) for p in code_files("pipeline.ingest")}
+    assert {"pipeline/ingest.py", "pipeline/caption_fix.py", "pipeline/sql/ingest_stage.sql",
+            "pipeline/stage.py"} <= files
+    assert not any(f.endswith("balance_match.sql") for f in files)  # not named by ingest
+    url = {p.name for p in code_files("dedup.url")}
+    assert {"url_canonical.sql", "url_dedup.sql"} <= url
