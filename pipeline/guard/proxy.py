@@ -108,7 +108,7 @@ class GuardProxy:
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        cmd = [sys.executable, "-m", "pipeline.guard.server", "--watch-stdin",
+        cmd = [sys.executable, "-m", "pipeline.guard", "--watch-stdin",
                "--port", str(self.port), "--settings", json.dumps(asdict(self.settings))]
         if self.events_path is not None:
             cmd += ["--events", str(self.events_path)]
