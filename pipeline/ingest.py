@@ -160,8 +160,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     con = ctx.connect()
     rows_read, rejects = load_raw(con, cfg)
-    if cfg.ingest.ftfy:
-        repair_captions(con)
+    repaired = repair_captions(con) if cfg.ingest.ftfy else 0
     script = (SQL_DIR / "ingest_stage.sql").read_text()
     script = script.replace("$max_url_length", str(int(cfg.ingest.max_url_length)))
     con.execute(script)
@@ -190,4 +189,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
         f"SELECT source, count(*) FROM read_parquet('{ctx.kept_path}') GROUP BY 1 ORDER BY 1"
     ).fetchall())
     return {"rows_in": rows_read + n_unreadable, "kept_by_source": by_source,
+            "captions_repaired_by_ftfy": repaired,
             "files": len(source_files(cfg))}

@@ -83,8 +83,18 @@ def test_captions_repaired_and_whitespace_normalized(tmp_path: Path) -> None:
                              "caption": ["cafÃ© au lait", "  two\t\nwords   here "]}),
                    tmp_path / "m.parquet")
     cfg = load_build(_build(tmp_path, "  - {path: m.parquet}\n"))
-    run_stage(cfg, "ingest", log=lambda s: None)
+    report = run_stage(cfg, "ingest", log=lambda s: None)
     assert [c for _, c, _ in _kept(cfg)] == ["café au lait", "two words here"]
+    assert report["captions_repaired_by_ftfy"] == 1  # the whitespace is not ftfy's work
+
+
+def test_ascii_control_characters_go_through_ftfy(tmp_path: Path) -> None:
+    # ftfy removes control characters such as BEL even from an all-ASCII caption
+    pq.write_table(pa.table({"url": ["http://a.org/1"], "caption": ["ring\x07 the bell"]}),
+                   tmp_path / "m.parquet")
+    cfg = load_build(_build(tmp_path, "  - {path: m.parquet}\n"))
+    run_stage(cfg, "ingest", log=lambda s: None)
+    assert [c for _, c, _ in _kept(cfg)] == ["ring the bell"]
 
 
 def test_ascii_html_entities_are_repaired_too(tmp_path: Path) -> None:
