@@ -24,23 +24,26 @@ import hashlib
 import json
 import os
 import tarfile
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from dedup.imagestore import KEY_COL, TAR_COL, ImageStore
+from dedup.imagestore import KEY_COL, TAR_COL, scan_images
 from pipeline.stage import StageContext, StageError
 
 _PLAN_SQL = (Path(__file__).parent / "sql" / "shard_plan.sql").read_text()
 _BLOCK = 512
 _RECORD = 20 * _BLOCK  # GNU tar and tarfile pad archives to 10 KiB records
 _NOT_META = {TAR_COL, KEY_COL}
+_CHUNK = 1 << 20
 
 
 def shard_name(i: int) -> str:
@@ -71,104 +74,213 @@ def ustar_header(name: str, size: int) -> bytes:
     return b"".join((raw.ljust(100, b"\0"), _HEAD, octal, _MTIME, b"%06o\0 " % chksum, _TAIL))
 
 
-def _padded(n: int) -> int:
-    return n + (-n % _BLOCK)
+def _tar_header_template() -> np.ndarray:
+    """ustar_header's bytes with an empty name, size 0 and the checksum field as 8 spaces."""
+    t = np.frombuffer(ustar_header("x", 0), np.uint8).copy()
+    t[0] = 0
+    t[148:156] = 32
+    return t
 
 
-def _json_value(col: str, v: Any) -> Any:
-    if col == "phash" and v is not None:
-        return f"{v:016x}"
-    return v
+_TEMPLATE = _tar_header_template()
+_SIZE_SHIFTS = np.arange(30, -1, -3, dtype=np.int64)  # 11 octal digits, most significant first
+_CHK_SHIFTS = np.arange(15, -1, -3, dtype=np.int64)  # 6 digits
 
 
-def _index_members(con: Any, run_dir: Path, store: ImageStore) -> int:
+def _strings(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(UTF-8 data, start offsets, lengths) of an Arrow string column, without copying."""
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        col = col.cast(pa.large_string())  # e.g. string_view from a newer DuckDB
+    bufs = col.buffers()
+    wide = pa.types.is_large_string(col.type)
+    offsets = np.frombuffer(bufs[1], np.int64 if wide else np.int32)[
+        col.offset:col.offset + len(col) + 1].astype(np.int64)
+    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return data, offsets[:-1], np.diff(offsets)
+
+
+def _ints(col: pa.Array) -> np.ndarray:
+    """An Arrow integer column without nulls as int64 numpy (a view: Array.to_numpy would
+    import pandas, ~0.5 s)."""
+    if col.type != pa.int64():
+        col = col.cast(pa.int64())
+    return np.frombuffer(col.buffers()[1], np.int64)[col.offset:col.offset + len(col)]
+
+
+def _scatter(dst: np.ndarray, dst_starts: np.ndarray, col: pa.Array,
+             keep: np.ndarray | None = None) -> None:
+    """Copy string i of ``col`` (for each i where ``keep``) to ``dst[dst_starts[i]:]``, all
+    strings in one numpy step."""
+    data, starts, lens = _strings(col)
+    if keep is not None:
+        lens = np.where(keep, lens, 0)
+    total = int(lens.sum())
+    if not total:
+        return
+    within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
+    dst[np.repeat(dst_starts, lens) + within] = data[np.repeat(starts, lens) + within]
+
+
+def tar_headers(names: pa.Array, sizes: np.ndarray) -> np.ndarray:
+    """ustar_header(names[i], sizes[i]) for every i as rows of a (n, 512) array, computed with
+    numpy (byte-equal to tarfile's encoder; names over 100 bytes go through ustar_header)."""
+    n = len(sizes)
+    h = np.tile(_TEMPLATE, (n, 1))
+    _, _, lens = _strings(names)
+    odd = (lens > 100) | (sizes >= 8**11)
+    _scatter(h.reshape(-1), np.arange(n, dtype=np.int64) * _BLOCK, names, ~odd)
+    h[:, 124:135] = 48 + ((sizes[:, None] >> _SIZE_SHIFTS) & 7)
+    chk = h.sum(axis=1, dtype=np.int64)
+    h[:, 148:154] = 48 + ((chk[:, None] >> _CHK_SHIFTS) & 7)
+    h[:, 154] = 0
+    h[:, 155] = 32
+    for i in np.flatnonzero(odd).tolist():
+        h[i] = np.frombuffer(ustar_header(names[i].as_py(), int(sizes[i])), np.uint8)
+    return h
+
+
+def _blocks(n: np.ndarray) -> np.ndarray:
+    return (n + _BLOCK - 1) // _BLOCK
+
+
+_LOCAL = threading.local()
+
+
+def _buffer(size: int) -> np.ndarray:
+    """A zeroed buffer of ``size`` bytes, reused by the calling thread from shard to shard (a
+    fresh 14 MB array costs a page fault per 4 KiB page: more than clearing a warm one)."""
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or len(buf) < size:
+        buf = _LOCAL.buf = np.zeros(size, np.uint8)
+        return buf
+    view = buf[:size]
+    view[:] = 0
+    return view
+
+
+def _write_shard(job: tuple[Path, str, pa.Table, list[int]]) -> tuple[str, int, int, str]:
+    """Write one shard; returns (name, samples, bytes, sha256).
+
+    The whole tar is laid out in one zeroed numpy buffer: the headers of all members are built
+    at once (tar_headers), json and txt bytes are scattered into place straight from the
+    Arrow columns, and each image is read from its crawl tar into its slot with one preadv.
+    Then one hash and one write. Only the preadv loop is per sample in Python; numpy, reads,
+    hashing and the write release the GIL, so threads writing different shards overlap.
+    """
+    out_dir, name, t, fds = job
+    n = t.num_rows
+    col = {c: t.column(c).combine_chunks() for c in t.column_names}
+    sizes = _ints(col["size"])
+    js_len = _strings(col["js"])[2]
+    txt_len = _strings(col["txt"])[2]
+    ci, cj, ct = _blocks(sizes), _blocks(js_len), _blocks(txt_len)
+    per = 3 + ci + cj + ct
+    hdr_img = np.cumsum(per) - per  # block of each sample's first header
+    hdr_js = hdr_img + 1 + ci
+    hdr_txt = hdr_js + 1 + cj
+    nblocks = int(per.sum()) + 2  # two zero blocks end the archive
+    total = nblocks * _BLOCK
+    total += -total % _RECORD
+    buf = _buffer(total)
+    blocks = buf.reshape(-1, _BLOCK)
+    blocks[hdr_img] = tar_headers(col["img_name"], sizes)
+    blocks[hdr_js] = tar_headers(col["js_name"], js_len)
+    blocks[hdr_txt] = tar_headers(col["txt_name"], txt_len)
+    _scatter(buf, (hdr_js + 1) * _BLOCK, col["js"])
+    _scatter(buf, (hdr_txt + 1) * _BLOCK, col["txt"])
+    view = memoryview(buf)
+    for tar_id, start, size, offset in zip(_ints(col["tar_id"]).tolist(),
+                                           ((hdr_img + 1) * _BLOCK).tolist(), sizes.tolist(),
+                                           _ints(col["offset"]).tolist(), strict=True):
+        got = os.preadv(fds[tar_id], [view[start:start + size]], offset) if size else 0
+        if got != size:
+            raise StageError(f"shard: crawl tar #{tar_id}: short read at offset {offset} "
+                             f"({got} of {size} bytes)")
+    # hashed and written 1 MiB at a time: each piece is hashed while it sits in the CPU cache
+    # and copied to the page cache from there (one 14 MB write measured 1-5x slower here)
+    sha = hashlib.sha256()
+    fd = os.open(out_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        for start in range(0, total, _CHUNK):
+            piece = view[start:min(start + _CHUNK, total)]
+            sha.update(piece)
+            done = 0
+            while done < len(piece):
+                done += os.write(fd, piece[done:])
+    finally:
+        os.close(fd)
+    return name, n, total, sha.hexdigest()
+
+
+def _arrow_strings(parts: list[tuple[np.ndarray, np.ndarray]]) -> pa.Array:
+    """One Arrow string column from (bytes, offsets) pieces (no pa.array: it imports pandas)."""
+    data = np.concatenate([d for d, _ in parts]) if parts else np.zeros(0, np.uint8)
+    base = np.cumsum([0] + [int(o[-1]) for _, o in parts])
+    offsets = np.concatenate([np.zeros(1, np.int64)] + [o[1:] + b for (_, o), b in
+                                                          zip(parts, base[:-1], strict=True)])
+    return pa.Array.from_buffers(pa.large_string(), len(offsets) - 1,
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _arrow_ints(parts: list[np.ndarray]) -> pa.Array:
+    values = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(values), [None, pa.py_buffer(values)])
+
+
+def _index_members(con: Any, run_dir: Path) -> list[str]:
+    """Scan the crawl tars named in src into temp tables tars(tar_id, tar) and
+    members(tar_id, key, ext, offset, size); returns the tars' paths by tar_id."""
     tars = [r[0] for r in con.execute(
         f"SELECT DISTINCT {TAR_COL} FROM src WHERE {TAR_COL} IS NOT NULL ORDER BY 1").fetchall()]
-    cols: dict[str, list] = {"tar": [], "key": [], "abs": [], "ext": [], "offset": [], "size": []}
+    found = []
     for tar in tqdm(tars, desc="index crawl tars", unit="tar", leave=False):
-        path = str(run_dir / tar)
         try:
-            members = store.members(path)
+            found.append(scan_images(run_dir / tar))
         except ValueError as e:
-            raise StageError(f"shard: crawl tar {path}: {e}") from e
-        for m in members.values():
-            for k, v in (("tar", tar), ("key", m.key), ("abs", path), ("ext", m.ext),
-                         ("offset", m.offset), ("size", m.size)):
-                cols[k].append(v)
-    # list parameters, not con.register/pyarrow: building arrow arrays imports pandas (~0.5 s)
-    con.execute("CREATE TEMP TABLE members AS SELECT unnest($1::VARCHAR[]) AS tar, "
-                "unnest($2::VARCHAR[]) AS key, unnest($3::VARCHAR[]) AS abs, "
-                "unnest($4::VARCHAR[]) AS ext, unnest($5::BIGINT[]) AS \"offset\", "
-                "unnest($6::BIGINT[]) AS size",
-                [cols[k] for k in ("tar", "key", "abs", "ext", "offset", "size")])
-    return len(tars)
+            raise StageError(f"shard: crawl tar {run_dir / tar}: {e}") from e
+    members = pa.Table.from_arrays([
+        _arrow_ints([np.full(len(f.sizes), i, np.int64) for i, f in enumerate(found)]),
+        _arrow_strings([(f.key_data, f.key_offsets) for f in found]),
+        _arrow_strings([(f.ext_data, f.ext_offsets) for f in found]),
+        _arrow_ints([f.offsets for f in found]), _arrow_ints([f.sizes for f in found]),
+    ], names=["tar_id", "key", "ext", "offset", "size"])
+    con.register("members_arrow", members)
+    con.execute("CREATE TEMP TABLE members AS SELECT * FROM members_arrow")
+    con.unregister("members_arrow")
+    con.execute("CREATE TEMP TABLE tars AS SELECT unnest($1::VARCHAR[]) AS tar, "
+                "unnest(range(len($1)))::BIGINT AS tar_id", [tars])
+    return [str(run_dir / t) for t in tars]
 
 
-_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-                         default=str)
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
-def _write_shard(job: tuple[str, str, list[str], list[tuple]]
-                 ) -> tuple[str, int, int, str, dict[str, list]]:
-    """Write one shard; returns (name, samples, bytes, sha256, index rows).
+def _json_sql(meta_cols: list[str]) -> str:
+    """json_object of every metadata column plus the sample key, keys sorted."""
+    parts = []
+    for c in sorted([*meta_cols, "key"]):
+        value = ("p.sample_key" if c == "key" else
+                 "CASE WHEN s.phash IS NULL THEN NULL ELSE printf('%016x', s.phash) END"
+                 if c == "phash" else f"s.{_quote(c)}")
+        parts.append("'" + c.replace("'", "''") + "', " + value)
+    return "json_object(" + ", ".join(parts) + ")::VARCHAR"
 
-    The whole tar is laid out in one zeroed buffer (headers, then each image read straight
-    into its slot with preadv: no per-member bytes objects, padding comes free), hashed and
-    written in one call each. Reads, hashing and the write release the GIL, so threads writing
-    different shards overlap.
-    """
-    out_dir, name, meta_cols, batch = job
-    index: dict[str, list] = {k: [] for k in ("uid", "key", "copy", "shard", "member",
-                                              "position")}
-    members: list[tuple[bytes, bytes | tuple[str, int, int]]] = []
-    total = 0
-    for position, row in enumerate(batch):
-        _, key, copy, path, ext, offset, size = row[:7]
-        meta = {c: _json_value(c, v) for c, v in zip(meta_cols, row[7:], strict=True)}
-        meta["key"] = key
-        image = f"{key}.{ext}"
-        js = _JSON.encode(meta).encode()
-        txt = (meta["caption"] or "").encode("utf-8")
-        members += ((ustar_header(image, size), (path, offset, size)),
-                    (ustar_header(f"{key}.json", len(js)), js),
-                    (ustar_header(f"{key}.txt", len(txt)), txt))
-        total += 3 * _BLOCK + _padded(size) + _padded(len(js)) + _padded(len(txt))
-        for k, v in (("uid", meta["uid"]), ("key", key), ("copy", copy), ("shard", name),
-                     ("member", image), ("position", position)):
-            index[k].append(v)
-    total += 2 * _BLOCK
-    total += -total % _RECORD
-    buf = bytearray(total)
-    view = memoryview(buf)
-    fds: dict[str, int] = {}
-    try:
-        pos = 0
-        for header, data in members:
-            h = len(header)
-            view[pos:pos + h] = header
-            pos += h
-            if isinstance(data, bytes):
-                view[pos:pos + len(data)] = data
-                pos += _padded(len(data))
-                continue
-            path, offset, size = data
-            fd = fds.get(path)
-            if fd is None:
-                fd = fds[path] = os.open(path, os.O_RDONLY)
-            got = os.preadv(fd, [view[pos:pos + size]], offset) if size else 0
-            if got != size:
-                raise StageError(f"shard: {path}: short read at offset {offset} "
-                                 f"({got} of {size} bytes)")
-            pos += _padded(size)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-    digest = hashlib.sha256(view).hexdigest()
-    with open(Path(out_dir) / name, "wb", buffering=0) as f:
-        done = 0
-        while done < total:
-            done += f.write(view[done:])
-    return name, len(batch), total, digest, index
+
+def _shard_tables(reader: pa.RecordBatchReader, per: int) -> Iterator[pa.Table]:
+    """Exactly ``per`` rows at a time out of the plan's record batches."""
+    pending: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in reader:
+        pending.append(batch)
+        rows += batch.num_rows
+        while rows >= per:
+            t = pa.Table.from_batches(pending)
+            yield t.slice(0, per)
+            rest = t.slice(per)
+            pending, rows = rest.to_batches(), rest.num_rows
+    if rows:
+        yield pa.Table.from_batches(pending)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -182,46 +294,52 @@ def run(ctx: StageContext) -> dict[str, Any]:
                              f"tar/key locate each image)")
     meta_cols = [c for c in cols if c not in _NOT_META]
     started = time.time()
-    with ImageStore(max_open=1) as store:
-        n_tars = _index_members(con, ctx.cfg.run_dir, store)
-        con.execute(_PLAN_SQL, {"copies": s.upsample, "seed": s.seed})
-        total = con.execute("SELECT count(*) FROM shard_plan").fetchall()[0][0]
-        select_meta = ", ".join(f's."{c}"' for c in meta_cols)
-        cur = con.execute(
-            f"SELECT p.pos, p.sample_key, p.copy, p.abs, p.ext, p.\"offset\", p.size, "
-            f"{select_meta} FROM shard_plan p JOIN src s USING (uid) ORDER BY p.pos")
-        index: dict[str, list] = {k: [] for k in
-                                  ("uid", "key", "copy", "shard", "member", "position")}
-        shards: dict[str, list] = {"shard": [], "samples": [], "bytes": [], "sha256": []}
-
-        def batches() -> Iterator[tuple[str, str, list[str], list[tuple]]]:
-            i = 0
-            while batch := cur.fetchmany(s.samples_per_shard):
-                yield str(ctx.out_dir), shard_name(i), meta_cols, batch
-                i += 1
-
+    paths = _index_members(con, ctx.cfg.run_dir)
+    con.execute(_PLAN_SQL, {"copies": s.upsample, "seed": s.seed})
+    total = con.execute("SELECT count(*) FROM shard_plan").fetchall()[0][0]
+    shards: dict[str, list] = {"shard": [], "samples": [], "bytes": [], "sha256": []}
+    fds = [os.open(p, os.O_RDONLY) for p in paths]
+    try:
+        # one query for the whole plan, streamed as Arrow columns: metadata JSON and member
+        # names are built by DuckDB, not per sample in Python
+        reader = con.sql(
+            "SELECT p.tar_id, p.\"offset\", p.size, p.sample_key || '.' || p.ext AS img_name, "
+            "p.sample_key || '.json' AS js_name, p.sample_key || '.txt' AS txt_name, "
+            f"{_json_sql(meta_cols)} AS js, coalesce(s.caption, '') AS txt "
+            "FROM shard_plan p JOIN src s USING (uid) ORDER BY p.pos"
+        ).to_arrow_reader(s.samples_per_shard)
+        jobs = ((ctx.out_dir, shard_name(i), t, fds)
+                for i, t in enumerate(_shard_tables(reader, s.samples_per_shard)))
         bar = tqdm(total=total, desc="shard", unit="sample", leave=False)
         # shards are independent: worker threads write them side by side (the heavy parts,
-        # reading, hashing and writing big buffers, release the GIL)
+        # numpy layout, reads, hashing and writing big buffers, release the GIL); at most
+        # two shards per thread are in memory at a time
         parallel = s.workers > 1 and total > s.samples_per_shard
-        with ThreadPoolExecutor(s.workers if parallel else 1) as pool:
-            done = pool.map(_write_shard, batches())
-            for name, n, nbytes, digest, rows in done:
-                for k, v in (("shard", name), ("samples", n), ("bytes", nbytes),
-                             ("sha256", digest)):
-                    shards[k].append(v)
-                for k, vals in rows.items():
-                    index[k] += vals
-                bar.update(n)
+        workers = s.workers if parallel else 1
+        with ThreadPoolExecutor(workers) as pool:
+            running: deque[Future] = deque()
+            for job in jobs:
+                running.append(pool.submit(_write_shard, job))
+                while len(running) >= 2 * workers or (running and running[0].done()):
+                    _collect(running.popleft().result(), shards, bar)
+            while running:
+                _collect(running.popleft().result(), shards, bar)
         bar.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
     seconds = time.time() - started
 
-    pq.write_table(pa.table(index, schema=pa.schema([
-        ("uid", pa.string()), ("key", pa.string()), ("copy", pa.int32()), ("shard", pa.string()),
-        ("member", pa.string()), ("position", pa.int32())])), ctx.out_dir / "index.parquet")
-    pq.write_table(pa.table(shards, schema=pa.schema([
-        ("shard", pa.string()), ("samples", pa.int64()), ("bytes", pa.int64()),
-        ("sha256", pa.string())])), ctx.out_dir / "shards.parquet")
+    n = int(s.samples_per_shard)
+    con.execute(f"""COPY (
+        SELECT uid, sample_key AS key, copy::INTEGER AS copy,
+               printf('shard-%06d.tar', pos // {n}) AS shard, sample_key || '.' || ext AS member,
+               (pos % {n})::INTEGER AS position
+        FROM shard_plan ORDER BY pos) TO '{ctx.out_dir / "index.parquet"}' (FORMAT parquet)""")
+    con.execute(f"COPY (SELECT unnest($1::VARCHAR[]) AS shard, unnest($2::BIGINT[]) AS samples, "
+                f"unnest($3::BIGINT[]) AS bytes, unnest($4::VARCHAR[]) AS sha256) "
+                f"TO '{ctx.out_dir / 'shards.parquet'}' (FORMAT parquet)",
+                [shards[k] for k in ("shard", "samples", "bytes", "sha256")])
     sizes = dict(zip(shards["shard"], shards["samples"], strict=True))
     (ctx.out_dir / "sizes.json").write_text(json.dumps(sizes, indent=1))
 
@@ -232,13 +350,20 @@ def run(ctx: StageContext) -> dict[str, Any]:
         SELECT s.uid, '{ctx.spec.name}' AS stage, 'unreadable_image' AS reason,
                'no image member ' || coalesce(s.{KEY_COL}, 'NULL') || ' in '
                || coalesce(s.{TAR_COL}, 'NULL') AS detail
-        FROM src s ANTI JOIN members m ON m.tar = s.{TAR_COL} AND m.key = s.{KEY_COL}
+        FROM src s ANTI JOIN (SELECT t.tar, m.key FROM members m JOIN tars t USING (tar_id)) m
+            ON m.tar = s.{TAR_COL} AND m.key = s.{KEY_COL}
         ORDER BY s.uid) TO '{ctx.dropped_path}' (FORMAT parquet)""")
     con.close()
     written = sum(shards["bytes"])
     return {
         "shards": len(shards["shard"]), "samples_written": total, "upsample": s.upsample,
-        "seed": s.seed, "bytes_written": written, "source_tars": n_tars,
-        "shard_seconds": round(seconds, 3), "workers": s.workers if parallel else 1,
+        "seed": s.seed, "bytes_written": written, "source_tars": len(paths),
+        "shard_seconds": round(seconds, 3), "workers": workers,
         "mb_per_s": round(written / 1e6 / seconds, 1) if seconds > 0 else None,
     }
+
+
+def _collect(result: tuple[str, int, int, str], shards: dict[str, list], bar: tqdm) -> None:
+    for k, v in zip(("shard", "samples", "bytes", "sha256"), result, strict=True):
+        shards[k].append(v)
+    bar.update(result[1])

@@ -161,3 +161,62 @@ def test_worker_threads_write_the_same_bytes(tmp_path):
     assert _tars(one.run_dir / "11_shard") == _tars(two.run_dir / "11_shard")
     assert (read_parquet(one.run_dir / "11_shard" / "index.parquet")
             == read_parquet(two.run_dir / "11_shard" / "index.parquet"))
+
+
+def test_bulk_tar_headers_equal_tarfile():
+    import tarfile
+
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.shard import tar_headers
+
+    names = ["a.jpg", f"{'ab' * 16}_12.json", "x" * 100, "d" * 120 + "/y.txt", "é.txt",
+             "naïve/ключ.txt", "k.json"]
+    sizes = np.array([0, 123456, 5, 77, 8**11 - 1, 511, 512], np.int64)
+    got = tar_headers(pa.array(names, pa.string()), sizes)
+    for row, name, size in zip(got, names, sizes.tolist(), strict=True):
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = (
+            size, 0, 0o444, 0, 0, "", "")
+        assert row.tobytes() == ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"), name
+
+
+def test_numpy_tar_scan_follows_webdataset_naming(tmp_path):
+    import tarfile
+
+    from dedup.imagestore import _scan_images_numpy, scan_images, split_name
+    from tests.curation_fixtures import write_tar
+
+    img = jpeg(drawn_image(3, 32))
+    members = [("00001.jpg", img), ("00001.txt", b"cap"), ("00002.JPG", img[:100]),
+               ("sub/dir/00003.png", b"\x89PNG" * 300), ("00004.seg.jpg", b"not an image"),
+               ("00005.webp", b""), ("00005.jpg", b"second image, same key"),
+               ("noext", b"x"), ("00006.jpeg", img[:7])]
+    plain = tmp_path / "plain.tar"
+    write_tar(plain, members)
+    with tarfile.open(plain, "a") as tf:  # a directory entry is skipped
+        ti = tarfile.TarInfo("sub")
+        ti.type = tarfile.DIRTYPE
+        tf.addfile(ti)
+    with tarfile.open(plain) as tf:
+        ref: dict[str, tuple[str, int, int]] = {}
+        for m in tf:
+            key, ext = split_name(m.name)
+            if m.isfile() and ext.lower() in ("jpg", "jpeg", "png", "webp") and key not in ref:
+                ref[key] = (ext, m.offset_data, m.size)
+    fast = _scan_images_numpy(plain)
+    assert fast is not None  # ASCII names, no prefixes: the numpy path
+    got = dict(zip(fast.keys(), zip(fast.exts(), fast.offsets.tolist(), fast.sizes.tolist(),
+                                    strict=True), strict=True))
+    assert got == ref and list(got) == list(ref)
+    assert got["00005"] == ("webp", ref["00005"][1], 0)
+    # a non-ASCII name takes the Python path, with the same answer for the same members
+    other = tmp_path / "other.tar"
+    write_tar(other, members + [("café.jpg", img)])
+    assert _scan_images_numpy(other) is None
+    slow = scan_images(other)
+    assert slow.keys() == [*ref, "café"] and slow.exts()[-1] == "jpg"
+    empty = tmp_path / "empty.tar"
+    write_tar(empty, [])
+    assert scan_images(empty).keys() == [] and len(scan_images(empty).sizes) == 0
