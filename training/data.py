@@ -6,6 +6,12 @@ One *slot* = (rank, worker). Every slot reads its own deterministic, infinite st
     weighted mix of sources --> decode (corrupt samples skipped AND counted) -->
     open_clip preprocess + tokenizer --> batch (images, tokens, info)
 
+* Local .tar shards are read by ``training.tarstream`` (a plain header parser; other URLs by
+  webdataset), and open_clip's usual transform runs as ``training.fastpre.FastBatch``: the
+  same PIL crops and resizes, ToTensor + Normalize once per batch. Same batches as before,
+  at under half the loader CPU (bench: 831 -> ~1,900 samples/s per worker), which matters
+  when the loader shares 2 cores with torch's threads.
+
 * ``resampled=True`` draws shards with replacement (seeded per slot); otherwise the slot makes
   passes over its share of the shards, reshuffled each pass ("epochs").
 * Split: with at least as many shards as slots each slot owns ``shards[slot::slots]``; with
@@ -35,12 +41,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from training.fastpre import batch_preprocess
+from training.tarstream import is_local_tar, tar_expander
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# PIL format to try first for each key: skips probing every other plugin (~1 ms per batch)
+_FORMAT_OF = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
 def expand_shards(spec: str | Path | list[str]) -> list[str]:
@@ -136,6 +147,7 @@ class ClipStream(IterableDataset):
             raise ValueError(f"weights {w} must be non-negative, one per source")
         self.cum_weights = [sum(w[: i + 1]) / sum(w) for i in range(len(w))]
         self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.batch_preprocess = batch_preprocess(preprocess)
         self.position = position or LoaderPosition()
 
     # -- raw (undecoded) sample streams ------------------------------------------------------
@@ -167,8 +179,11 @@ class ClipStream(IterableDataset):
 
         def samples() -> Iterator[dict]:
             for url, every, offset in self._shard_order(src, slot, slots):
-                stream = url_opener([{"url": url}], handler=handler)
-                files = tar_file_expander(stream, handler=handler)
+                if is_local_tar(url):
+                    files = tar_expander([url], handler)
+                else:
+                    stream = url_opener([{"url": url}], handler=handler)
+                    files = tar_file_expander(stream, handler=handler)
                 for i, s in enumerate(group_by_keys(files, handler=handler)):
                     if i % every == offset:
                         yield s
@@ -195,9 +210,12 @@ class ClipStream(IterableDataset):
         if not caption:
             return "empty_caption"
         try:
-            img = Image.open(io.BytesIO(sample[key]))
+            try:
+                img = Image.open(io.BytesIO(sample[key]), formats=[_FORMAT_OF[key]])
+            except UnidentifiedImageError:  # extension and content disagree: probe all
+                img = Image.open(io.BytesIO(sample[key]))
             img.load()
-            return img.convert("RGB"), caption
+            return (img if img.mode == "RGB" else img.convert("RGB")), caption
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError):
             return "bad_image"
 
@@ -241,7 +259,7 @@ class ClipStream(IterableDataset):
             # function of its position, without disturbing the training process's RNG.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(_batch_seed(cfg.seed, slot, batch_no))
-                pixels = torch.stack([self.preprocess(im) for im in images])
+                pixels = self.batch_preprocess(images)
             tokens = self.tokenizer(texts)
             batch_no += 1
             info = {"role": role, "slot": slot, "batch": batch_no, "consumed": list(consumed),

@@ -1,0 +1,167 @@
+"""The loader's fast paths give what open_clip's transform and webdataset's tar reader give."""
+
+from __future__ import annotations
+
+import glob
+import io
+import tarfile
+
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from webdataset.tariterators import tar_file_expander, url_opener
+
+import training.model as M
+from training.fastpre import FastBatch, PerImage, batch_preprocess
+from training.tarstream import is_local_tar, tar_expander
+from training.toydata import write_toy_shards
+
+# Real images from the Debian packages the demo uses: clip art with alpha (RGBA), palette
+# images (P), portrait and landscape, larger and smaller than the model's input.
+REAL = (sorted(glob.glob("/usr/share/tuxpaint/stamps/animals/**/*.png", recursive=True))[:4]
+        + sorted(glob.glob("/usr/share/openclipart/png/science/*.png"))[:2]
+        + sorted(glob.glob("/usr/share/tuxpaint/starters/*.png"))[:2])
+
+
+@pytest.fixture(scope="module")
+def images():
+    if len(REAL) < 6:
+        pytest.fail("the Debian packages tuxpaint-stamps-default / openclipart-png are missing")
+    out = []
+    for path in REAL:
+        im = Image.open(path)
+        im.load()
+        out.append(im)
+    # also what the loader hands over: JPEG bytes as crawled, decoded and converted to RGB
+    buf = io.BytesIO()
+    out[0].convert("RGB").save(buf, format="JPEG", quality=90)
+    out.append(Image.open(buf).convert("RGB"))
+    assert {im.mode for im in out} >= {"RGBA", "P", "RGB"}
+    return out
+
+
+@pytest.fixture(scope="module", params=["witforge-tiny", "witforge-micro"])
+def transforms(request):
+    _, train_pre, eval_pre, _ = M.create(request.param)
+    return train_pre, eval_pre
+
+
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")
+def test_fast_batch_equals_open_clip_transform_on_real_images(images, transforms):
+    # The fast path runs the same PIL crop/resize calls and only fuses ToTensor + Normalize
+    # into one op per batch: (x - 255 mean) / (255 std) instead of (x / 255 - mean) / std.
+    # In float32 the two differ by rounding only (~1e-6 after normalization; a pixel step is
+    # 1 / (255 * std) ~ 0.015), so the bound is 1e-4, far below one grey level.
+    for pre in transforms:
+        fast = batch_preprocess(pre)
+        assert isinstance(fast, FastBatch)
+        torch.manual_seed(7)
+        want = torch.stack([pre(im) for im in images])  # draws crops image by image
+        torch.manual_seed(7)
+        got = fast(images)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        assert got.is_contiguous()
+        assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")
+def test_train_crops_follow_the_seed(images, transforms):
+    fast = batch_preprocess(transforms[0])
+    torch.manual_seed(1)
+    a = fast(images)
+    torch.manual_seed(1)
+    b = fast(images)
+    torch.manual_seed(2)
+    c = fast(images)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # random crops, not a fixed centre crop
+
+
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")
+def test_other_transforms_fall_back_to_per_image(images, transforms):
+    train_pre = transforms[0]
+    flip = T.Compose([T.RandomHorizontalFlip(1.0), *train_pre.transforms])
+    fallback = batch_preprocess(flip)
+    assert isinstance(fallback, PerImage)
+    torch.manual_seed(3)
+    want = torch.stack([flip(im) for im in images])
+    torch.manual_seed(3)
+    assert torch.equal(fallback(images), want)
+    assert isinstance(batch_preprocess(lambda im: im), PerImage)
+
+
+# -- tar reader ----------------------------------------------------------------------------
+def _webdataset_files(urls):
+    errors = []
+
+    def handler(exn):
+        errors.append(exn)
+        return True
+
+    out = list(tar_file_expander(url_opener([{"url": u} for u in urls], handler=handler),
+                                 handler=handler))
+    return out, errors
+
+
+def _ours(urls):
+    errors = []
+
+    def handler(exn):
+        errors.append(exn)
+        return True
+
+    return list(tar_expander(urls, handler)), errors
+
+
+def _tar(path, members, fmt):
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            if data is None:
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+                continue
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return str(path)
+
+
+def test_tar_reader_matches_webdataset(tmp_path):
+    toy = write_toy_shards(tmp_path / "toy", 12, per_shard=5)  # webdataset TarWriter: PAX
+    long_dir = "d" * 120
+    members = [("dir", None), ("a.jpg", b"\xff\xd8 image"), ("a.txt", "caption é".encode()),
+               ("__meta__", b"skip"), (f"{long_dir}/b.jpg", bytes(range(256)) * 3),
+               (f"{long_dir}/b.txt", b"x" * 512), ("c" * 150 + ".txt", b"")]
+    ustar = _tar(tmp_path / "ustar.tar", members[:-1], tarfile.USTAR_FORMAT)  # name prefix
+    gnu = _tar(tmp_path / "gnu.tar", members, tarfile.GNU_FORMAT)  # ././@LongLink
+    pax = _tar(tmp_path / "pax.tar", members, tarfile.PAX_FORMAT)
+    urls = [*toy, ustar, gnu, pax]
+    assert all(is_local_tar(u) for u in urls)
+    want, want_err = _webdataset_files(urls)
+    got, got_err = _ours(urls)
+    assert not want_err and not got_err
+    assert got == want
+    names = {f["fname"] for f in got if f}
+    assert f"{long_dir}/b.jpg" in names and "c" * 150 + ".txt" in names
+    assert "__meta__" not in names and "dir" not in names
+
+
+def test_tar_reader_reports_damage_and_goes_on(tmp_path):
+    good = write_toy_shards(tmp_path / "good", 4, per_shard=4)[0]
+    raw = open(good, "rb").read()
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(raw[:1500])  # inside the second member
+    bad_sum = tmp_path / "bad_sum.tar"
+    with tarfile.open(good) as tf:
+        at = tf.getmembers()[1].offset + 5  # in the name field of the 2nd member's header
+    bad_sum.write_bytes(raw[:at] + b"X" + raw[at + 1:])
+    got, errors = _ours([str(truncated), str(bad_sum), good])
+    assert len(errors) == 2
+    assert all(isinstance(e, tarfile.ReadError) for e in errors)
+    assert "truncated.tar" in str(errors[0]) and "bad_sum.tar" in str(errors[1])
+    # what was read before the damage is kept, then the good shard in full
+    want_good, _ = _webdataset_files([good])
+    assert got[-len(want_good):] == want_good
+    assert len(got) > len(want_good)
+    assert not is_local_tar("pipe:cat x.tar") and not is_local_tar("x.tar.gz")
