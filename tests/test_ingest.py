@@ -189,3 +189,30 @@ def test_stage_fingerprint_covers_imported_code_and_named_sql() -> None:
     assert not any(f.endswith("balance_match.sql") for f in files)  # not named by ingest
     url = {p.name for p in code_files("dedup.url")}
     assert {"url_canonical.sql", "url_dedup.sql"} <= url
+
+
+def test_a_pair_is_never_an_exact_repeat_of_a_dropped_row(tmp_path: Path) -> None:
+    # The first row is dropped (a raw newline in the URL). Its normal form used to stop at
+    # the newline, 'http://a.org', so the good row after it became its "exact_repeat" and the
+    # pair was lost. Now the URL is normalized whole and dropped rows rank no repeats.
+    pq.write_table(pa.table({"url": ["http://A.org/x\nmore", "http://a.org", "http://a.org"],
+                             "caption": ["same caption", "same caption", "same caption"]}),
+                   tmp_path / "m.parquet")
+    cfg = load_build(_build(tmp_path, "  - {path: m.parquet}\n"))
+    run_stage(cfg, "ingest", log=lambda s: None)
+    assert _kept(cfg) == [("http://a.org", "same caption", "m")]
+    assert [r for r, _ in _dropped(cfg)] == ["bad_url_chars", "exact_repeat"]
+
+
+@pytest.mark.parametrize("url, norm", [
+    ("http://a.org/Path?Q=1#F", "http://a.org/Path?Q=1#F"),  # plain: its own normal form
+    ("HTTPS://User@A.Example.ORG:8443/P", "https://user@a.example.org:8443/P"),
+    ("http://u:p@host.com:80/x", "http://u:p@host.com:80/x"),
+    ("http://[::1]:8080/x", "http://[::1]:8080/x"),
+])
+def test_url_normal_form_lowercases_scheme_and_authority_only(tmp_path: Path, url: str,
+                                                               norm: str) -> None:
+    pq.write_table(pa.table({"url": [url], "caption": ["a caption"]}), tmp_path / "m.parquet")
+    cfg = load_build(_build(tmp_path, "  - {path: m.parquet}\n"))
+    run_stage(cfg, "ingest", log=lambda s: None)
+    assert [u for u, _, _ in _kept(cfg)] == [norm]
