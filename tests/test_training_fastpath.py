@@ -9,6 +9,7 @@ import tarfile
 import pytest
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as F
 from PIL import Image
 from webdataset.tariterators import tar_file_expander, url_opener
 
@@ -53,16 +54,46 @@ def test_fast_batch_equals_open_clip_transform_on_real_images(images, transforms
     # into one op per batch: (x - 255 mean) / (255 std) instead of (x / 255 - mean) / std.
     # In float32 the two differ by rounding only (~1e-6 after normalization; a pixel step is
     # 1 / (255 * std) ~ 0.015), so the bound is 1e-4, far below one grey level.
-    for pre in transforms:
-        fast = batch_preprocess(pre)
-        assert isinstance(fast, FastBatch)
-        torch.manual_seed(7)
-        want = torch.stack([pre(im) for im in images])  # draws crops image by image
-        torch.manual_seed(7)
-        got = fast(images)
-        assert got.shape == want.shape and got.dtype == want.dtype
-        assert got.is_contiguous()
-        assert (got - want).abs().max().item() < 1e-4
+    train_pre, eval_pre = transforms
+    fast = batch_preprocess(eval_pre)
+    assert isinstance(fast, FastBatch)
+    want = torch.stack([eval_pre(im) for im in images])
+    got = fast(images)
+    assert got.shape == want.shape and got.dtype == want.dtype and got.is_contiguous()
+    assert (got - want).abs().max().item() < 1e-4
+
+    # Train: for the crop boxes the fast path drew, open_clip's own RandomResizedCrop step
+    # (F.resized_crop with its size/interpolation) and the rest of its Compose.
+    fast = batch_preprocess(train_pre)
+    rrc, rest = train_pre.transforms[0], T.Compose(train_pre.transforms[1:])
+    torch.manual_seed(7)
+    boxes = fast.crop_boxes(images)
+    want = torch.stack([rest(F.resized_crop(im, *box, rrc.size, rrc.interpolation,
+                                            antialias=rrc.antialias))
+                        for im, box in zip(images, boxes, strict=True)])
+    torch.manual_seed(7)
+    got = fast(images)
+    assert got.shape == want.shape == (len(images), 3, *rrc.size)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("size", [(120, 90), (64, 64), (300, 40)])
+def test_crop_boxes_follow_torchvision_distribution(size):
+    # Boxes come from torchvision's get_params algorithm on a Python RNG: the same
+    # distribution (means of height/width/top/left, spread, and the centre-crop fallback for
+    # extreme aspect ratios) as torchvision's own draws.
+    rrc = T.RandomResizedCrop(64, scale=(0.08, 1.0))
+    fast = FastBatch([rrc], "RGB", (0.5,) * 3, (0.5,) * 3)
+    im = Image.new("RGB", size)
+    torch.manual_seed(0)
+    ours = torch.tensor([b for _ in range(30) for b in fast.crop_boxes([im] * 100)], dtype=float)
+    theirs = torch.tensor([rrc.get_params(im, rrc.scale, rrc.ratio) for _ in range(3000)],
+                          dtype=float)
+    w, h = size
+    for col, extent in zip(range(4), (h, w, h, w), strict=True):
+        assert abs(ours[:, col].mean() - theirs[:, col].mean()) < 0.03 * extent
+        assert abs(ours[:, col].std() - theirs[:, col].std()) < 0.03 * extent
+    assert ((ours[:, 2] <= h) & (ours[:, 3] <= w) & (ours[:, 2:] > 0).all(1)).all()
 
 
 @pytest.mark.filterwarnings("ignore:Palette images with Transparency")
