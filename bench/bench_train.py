@@ -1,7 +1,8 @@
 """Training throughput: witforge's loop (loader + train step) against a bare open_clip step.
 
 Peer: the same model (witforge-tiny), open_clip's ClipLoss and AdamW (the same fused kernel
-the loop uses, so the ratio measures the pipeline, not the optimizer) on the same batches
+the loop uses) with the loop's default gradient clipping (the same foreach call), so the ratio
+measures the pipeline, not the optimizer step's arithmetic, on the same batches
 already in memory — no data pipeline, no logging, no checkpoints — with the same torch thread
 count. The two alternate in chunks of 6 steps (10 pairs). Both sides: step times after 2
 warm-up steps; samples/s = batch / median step time (the median resists bursts of load from
@@ -11,7 +12,7 @@ drifts during the run cancels; ``ratio_of_overall_medians`` and every pair's rat
 Goal: ours >= 0.9x the peer, i.e. the streaming loader keeps up. Also: loader samples/s for
 one worker (decode + preprocess + tokenize, no model), run in process.
 
-    python -m bench.bench_train [--quick]
+    python -m bench.bench_train [--quick] [--workers 1]
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ from pathlib import Path
 
 import torch
 
+from training.options import TrainOptions
+
 RESULTS = Path(__file__).parent / "results" / "train.json"
+# The loop clips by default (TrainOptions.grad_clip); the peer does the same arithmetic.
+GRAD_CLIP = TrainOptions().grad_clip
 
 
 def bare_open_clip(arch: str):
@@ -51,6 +56,8 @@ def _steps(model, opt, loss_fn, batches) -> list[float]:
         opt.zero_grad(set_to_none=True)
         img, txt, scale = model(images, texts)
         loss_fn(img, txt, scale).backward()
+        if GRAD_CLIP > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP, foreach=True)
         opt.step()
         times.append(time.perf_counter() - t0)
     return times
@@ -60,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--workers", type=int, default=-1,
+                   help="our loop's DataLoader workers (default -1: the loop's auto choice, in "
+                        "process when torch's threads fill the cores)")
     a = p.parse_args(argv if argv is not None else sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from training.data import LoaderConfig, make_loader
@@ -84,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         loader_sps = n_load * batch / (time.perf_counter() - t0)
 
         # Peer: bare open_clip steps on batches from the same shards, preloaded. Ours: the
-        # whole loop (1 loader worker) from its per-step timings. The two alternate in short
-        # chunks of steps (ours stops with --stop-at and resumes), so load from other processes
-        # on a shared machine hits both sides alike; the ratio is the median over adjacent
+        # whole loop (its default loader, or --workers N) from its per-step timings. The two
+        # alternate in short chunks of steps (ours stops with --stop-at and resumes), so load
+        # from other processes on a shared machine hits both sides alike; the ratio is the
+        # median over adjacent
         # (peer chunk, ours chunk) pairs of their median step times, which cancels load that
         # drifts over the run. Both skip the first 2 steps; ours also skips each resumed
         # chunk's first step (loader worker start-up, once per run outside this bench).
@@ -100,9 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             peer_chunks.append(peer(bare[stop - chunk:stop]))
             train_main(["--train-data", str(shards), "--model", arch, "--batch-size",
                         str(batch), "--steps", str(steps), "--stop-at", str(stop),
-                        "--workers", "1", "--save-every", str(chunk), "--out", str(out),
+                        "--save-every", str(chunk), "--out", str(out), "--workers", str(a.workers),
                         "--warmup", "2", "--threads", str(threads), "--resume", "latest"])
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        workers_used = json.loads((out / "summary.json").read_text())["loader_workers"]
         steady = [r for r in rows if r["step"] > 2 and (r["step"] - 1) % chunk != 0]
         ours_chunks = [[r["step_s"] for r in steady if (r["step"] - 1) // chunk == c]
                        for c in range(len(peer_chunks))]
@@ -114,10 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         peer_sps = batch / statistics.median(peer_times)
 
     result = {
-        "area": "train", "command": "python -m bench.bench_train" + (" --quick" if a.quick else ""),
+        "area": "train", "command": "python -m bench.bench_train" + (" --quick" if a.quick else "")
+        + (f" --workers {a.workers}" if a.workers >= 0 else ""),
         "model": arch, "batch_size": batch, "steps": steps,
         "chunk_steps": chunk, "cores": os.cpu_count(), "torch_threads_both_sides": threads,
-        "loader_workers": 1,
+        "loader_workers": workers_used,  # the loop's default, auto: 0 = in process
+        "grad_clip_both_sides": GRAD_CLIP,
         "ours_samples_per_s": round(ours_sps, 2),
         "peer_bare_open_clip_samples_per_s": round(peer_sps, 2),
         "peer_mean_samples_per_s": round(len(peer_times) * batch / sum(peer_times), 2),

@@ -130,3 +130,31 @@ def test_bad_weights_are_rejected(shards, tools):
     with pytest.raises(ValueError, match="weights"):
         ClipStream(cfg, tools[1], tools[2])
     assert Path(shards).is_dir()
+
+
+def test_zero_and_one_worker_give_the_same_batches(shards, tools):
+    # auto workers switches between these two: the data a run sees must not depend on it
+    base = dict(batch_size=7, seed=5, shuffle_buffer=20)
+    a = _take(LoaderConfig([str(shards)], workers=0, **base), tools, 4, pre=0)
+    b = _take(LoaderConfig([str(shards)], workers=1, **base), tools, 4, pre=0)
+    for x, y in zip(a, b, strict=True):
+        assert x[2]["keys"] == y[2]["keys"]
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+
+
+def test_auto_workers_loads_in_process_when_torch_fills_the_cores():
+    import os
+
+    from training.train import loader_workers
+
+    cpu = torch.device("cpu")
+    assert loader_workers(3, cpu) == 3 and loader_workers(0, cpu) == 0  # explicit wins
+    cores = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)
+        assert loader_workers(-1, cpu) == 0
+        torch.set_num_threads(1)
+        assert loader_workers(-1, cpu) == (1 if cores > 1 else 0)
+    finally:
+        torch.set_num_threads(before)
