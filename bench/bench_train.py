@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--workers", type=int, default=-1,
-                   help="our loop's DataLoader workers (default -1: the loop's auto choice, in "
-                        "process when torch's threads fill the cores)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="our loop's DataLoader workers (default 1, the loop's default; 0 = in "
+                        "process)")
     a = p.parse_args(argv if argv is not None else sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from training.data import LoaderConfig, make_loader
@@ -127,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "area": "train", "command": "python -m bench.bench_train" + (" --quick" if a.quick else "")
-        + (f" --workers {a.workers}" if a.workers >= 0 else ""),
+        + (f" --workers {a.workers}" if a.workers != 1 else ""),
         "model": arch, "batch_size": batch, "steps": steps,
         "chunk_steps": chunk, "cores": os.cpu_count(), "torch_threads_both_sides": threads,
-        "loader_workers": workers_used,  # the loop's default, auto: 0 = in process
+        "loader_workers": workers_used,
         "grad_clip_both_sides": GRAD_CLIP,
         "ours_samples_per_s": round(ours_sps, 2),
         "peer_bare_open_clip_samples_per_s": round(peer_sps, 2),

@@ -142,7 +142,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "fp32"
     loss: str = "clip"  # clip | siglip
-    workers: int = -1  # loader processes; -1 = auto (training.train.loader_workers)
+    workers: int = 1  # loader processes (0 = in the training process; same batches)
     save_every: int = 100
     seed: int = 0
     keep: int = 2  # step checkpoints kept in runs/<build>/train/checkpoints/
@@ -336,8 +336,8 @@ def _validate(cfg: BuildConfig) -> None:
         fail("shard.workers", "must be >= 1")
     if not 0 <= cfg.decontaminate.max_distance <= 63:
         fail("decontaminate.max_distance", "must be between 0 and 63")
-    if cfg.train.workers < -1:
-        fail("train.workers", "must be >= 0, or -1 for auto")
+    if cfg.train.workers < 0:
+        fail("train.workers", "must be >= 0")
     if cfg.train.loss not in ("clip", "siglip"):
         fail("train.loss", "must be clip or siglip")
     if cfg.train.precision not in ("fp32", "bf16", "fp16", "amp", "amp_bf16"):

@@ -141,20 +141,3 @@ def test_zero_and_one_worker_give_the_same_batches(shards, tools):
         assert x[2]["keys"] == y[2]["keys"]
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
 
-
-def test_auto_workers_loads_in_process_when_torch_fills_the_cores():
-    import os
-
-    from training.train import loader_workers
-
-    cpu = torch.device("cpu")
-    assert loader_workers(3, cpu) == 3 and loader_workers(0, cpu) == 0  # explicit wins
-    cores = len(os.sched_getaffinity(0))
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(cores)
-        assert loader_workers(-1, cpu) == 0
-        torch.set_num_threads(1)
-        assert loader_workers(-1, cpu) == (1 if cores > 1 else 0)
-    finally:
-        torch.set_num_threads(before)

@@ -32,7 +32,7 @@ class TrainOptions:
     grad_clip: float = 1.0
     precision: str = "fp32"
     loss: str = "clip"
-    workers: int = -1  # -1 = auto (loader_workers): 0 or 1, the same data stream either way
+    workers: int = 1
     save_every: int = 100
     keep: int = 2
     seed: int = 0
@@ -74,9 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--grad-clip", type=float, help="max gradient norm (0 = off)")
     a("--precision", choices=sorted(PRECISIONS))
     a("--loss", choices=["clip", "siglip"])
-    a("--workers", type=int, help="DataLoader worker processes per rank (0 = in process; "
-      "default -1 = auto: in process on a CPU when torch's threads already use every core, "
-      "else 1 worker; 0 and 1 give the same batches)")
+    a("--workers", type=int, help="DataLoader worker processes per rank (0 = in process; 0 "
+      "and 1 give the same batches)")
     a("--save-every", type=int, help="checkpoint every N steps (and at the end)")
     a("--keep", type=int, help="step checkpoints kept (older ones are deleted)")
     a("--seed", type=int)
@@ -137,6 +136,6 @@ def parse_options(argv: list[str]) -> TrainOptions:
         raise SystemExit("witforge train: give one --weights value per --train-data source")
     if o.accum_freq < 1 or o.batch_size < 1 or o.save_every < 1:
         raise SystemExit("witforge train: --batch-size, --accum-freq, --save-every must be >= 1")
-    if o.workers < -1:
-        raise SystemExit("witforge train: --workers must be >= 0, or -1 for auto")
+    if o.workers < 0:
+        raise SystemExit("witforge train: --workers must be >= 0")
     return o

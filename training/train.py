@@ -135,22 +135,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def loader_workers(requested: int, device: torch.device) -> int:
-    """The DataLoader workers to use; ``requested`` -1 = auto. On a CPU whose cores torch's
-    threads already fill, a loader process only takes cycles from them, and every ms it runs
-    stalls the step by ~2 ms (a descheduled thread holds the other at the next sync): loading
-    in process measured 0.92-0.97x the bare step vs 0.83-0.88x with one worker on 2 cores
-    (bench_train). Otherwise one worker overlaps loading with the step. 0 and 1 worker share
-    one data stream, so auto never changes which batches a run sees."""
-    if requested >= 0:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if device.type == "cpu" and torch.get_num_threads() * local >= (cores or 1):
-        return 0
-    return 1
-
-
 def train(o: TrainOptions) -> dict[str, Any]:
     rank, world, device = setup_distributed()
     main_proc = rank == 0
@@ -192,11 +176,10 @@ def train(o: TrainOptions) -> dict[str, Any]:
     elif main_proc and metrics_path.is_file():
         metrics_path.unlink()  # a fresh run must not plot on top of an earlier run's curve
 
-    workers = loader_workers(o.workers, device)
     loader_cfg = LoaderConfig(
         sources=o.train_data, weights=o.weights, batch_size=o.batch_size, seed=o.seed,
         resampled=o.resampled, shuffle_buffer=o.shuffle_buffer, split=o.split,
-        workers=workers, rank=rank, world_size=world)
+        workers=o.workers, rank=rank, world_size=world)
     batches = iter(make_loader(loader_cfg, preprocess, tokenizer, copy.deepcopy(position)))
 
     ddp_model = model
@@ -267,7 +250,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
 
     elapsed = time.time() - t_run
     summary = {"steps": step, "target_steps": o.steps, "global_batch": global_batch,
-               "world_size": world, "loader_workers": workers, "final_loss": last_loss,
+               "world_size": world, "loader_workers": o.workers, "final_loss": last_loss,
                "samples_per_s": seen_this_run / elapsed if elapsed > 0 else 0.0,
                "skipped_samples": dict(position.skipped), "out": str(out)}
     if main_proc:
