@@ -99,8 +99,12 @@ def _columns(con: duckdb.DuckDBPyConnection, reader: str, path: Path) -> list[st
 
 def load_raw(con: duckdb.DuckDBPyConnection, cfg: BuildConfig) -> tuple[int, list[str]]:
     """Read every source file into table raw; returns (rows read, reject table names)."""
-    con.execute("CREATE OR REPLACE TEMP TABLE raw (src_order INTEGER, source VARCHAR, "
-                "file VARCHAR, url_raw VARCHAR, caption_raw VARCHAR)")
+    # Rows carry a file number, not the file's path and source tag: in-memory tables are not
+    # compressed, and two strings per row were ~1 GB of a 10M-row ingest's peak.
+    con.execute("CREATE OR REPLACE TEMP TABLE raw (src_order INTEGER, file_id INTEGER, "
+                "url_raw VARCHAR, caption_raw VARCHAR)")
+    con.execute("CREATE OR REPLACE TEMP TABLE files (file_id INTEGER, source VARCHAR, "
+                "file VARCHAR)")
     rejects = []
     files = source_files(cfg)
     for n, (i, src, path) in enumerate(tqdm(files, desc="ingest: reading", unit="file",
@@ -115,9 +119,10 @@ def load_raw(con: duckdb.DuckDBPyConnection, cfg: BuildConfig) -> tuple[int, lis
                                  f"its columns are: {', '.join(cols[:20])}")
         table = f"rej_{n}" if fmt in ("csv", "tsv") else None
         tag = src.tag or path.name.split(".")[0]
+        con.execute("INSERT INTO files VALUES (?, ?, ?)", [n, tag, str(path)])
         try:
             con.execute(
-                f'INSERT INTO raw SELECT {i}, {_sql_str(tag)}, {_sql_str(str(path))}, '
+                f'INSERT INTO raw SELECT {i}, {n}, '
                 f'"{src.url_col}"::VARCHAR, "{src.caption_col}"::VARCHAR '
                 f"FROM {_reader(path, fmt, src, table)}")
         except duckdb.Error as e:

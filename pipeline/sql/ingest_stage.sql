@@ -1,10 +1,10 @@
 -- Ingest: validate and normalize every raw row, give it a stable uid, mark exact repeats.
--- Input: table raw(src_order, source, file, url_raw, caption_raw).
+-- Input: table raw(src_order, file_id, url_raw, caption_raw), files(file_id, source, file).
 -- A row's fate is the first reason that applies; NULL reason = kept.
 CREATE OR REPLACE TEMP TABLE staged AS
 WITH cleaned AS (
     -- captions were repaired with ftfy before this script (pipeline.ingest.repair_captions)
-    SELECT src_order, source, file, trim(url_raw) AS url_t, caption_raw AS caption_fixed
+    SELECT src_order, file_id, trim(url_raw) AS url_t, caption_raw AS caption_fixed
     FROM raw
 ), parsed AS (
     SELECT *,
@@ -55,7 +55,7 @@ WITH cleaned AS (
 )
 SELECT
     md5(coalesce(url_norm, coalesce(url_t, '')) || chr(31) || caption) AS uid,
-    coalesce(url_norm, url_t) AS url, caption, source, src_order, file, bad_reason
+    coalesce(url_norm, url_t) AS url, caption, src_order, file_id, bad_reason
 FROM judged;
 
 -- Keep one copy of the data alive at a time: this is what bounds ingest's peak memory.
@@ -69,15 +69,15 @@ CREATE OR REPLACE TEMP TABLE repeats AS
 WITH repeated AS (
     SELECT uid FROM staged WHERE bad_reason IS NULL GROUP BY uid HAVING count(*) > 1
 )
-SELECT rowid AS r, row_number() OVER (PARTITION BY uid ORDER BY src_order, file) AS rn
+SELECT rowid AS r, row_number() OVER (PARTITION BY uid ORDER BY src_order, file_id) AS rn
 FROM staged WHERE bad_reason IS NULL AND uid IN (SELECT uid FROM repeated);
 
 CREATE OR REPLACE TEMP VIEW fated AS
-SELECT s.*,
+SELECT s.*, files.source, files.file,
     CASE
         WHEN bad_reason IS NOT NULL THEN bad_reason
         -- Exact repeats of (url, caption): the first source in build order keeps the pair.
         WHEN repeats.rn > 1 THEN 'exact_repeat'
         ELSE NULL
     END AS reason
-FROM staged s LEFT JOIN repeats ON s.rowid = repeats.r;
+FROM staged s LEFT JOIN repeats ON s.rowid = repeats.r JOIN files USING (file_id);
