@@ -1,8 +1,9 @@
 """Training throughput: witforge's loop (loader + train step) against a bare open_clip step.
 
-Peer: the same model (witforge-tiny), open_clip's ClipLoss and AdamW (the same fused kernel
-the loop uses) with the loop's default gradient clipping (the same foreach call), so the ratio
-measures the pipeline, not the optimizer step's arithmetic, on the same batches
+Peer: the same model (witforge-tiny), open_clip's ClipLoss and the loop's own AdamW
+(``make_optimizer``: fused kernel, no decay on gains/biases) with the loop's default gradient
+clipping (the same foreach call), so the ratio measures the pipeline, not the optimizer
+step's arithmetic, on the same batches
 already in memory — no data pipeline, no logging, no checkpoints — with the same torch thread
 count. The two alternate in chunks of 6 steps (10 pairs). Both sides: step times after 2
 warm-up steps; samples/s = batch / median step time (the median resists bursts of load from
@@ -41,10 +42,12 @@ def bare_open_clip(arch: str):
     from open_clip.loss import ClipLoss
 
     import training.model as M
+    from training.train import make_optimizer, param_groups
 
     torch.manual_seed(0)
     model, _, _, _ = M.create(arch)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.2, fused=True)
+    o = TrainOptions()  # the loop's defaults: AdamW groups, lr, fused kernel
+    opt = make_optimizer(param_groups(model, o.weight_decay), o.lr, torch.device("cpu"))
     loss_fn = ClipLoss()
     return lambda batches: _steps(model, opt, loss_fn, batches)
 
@@ -97,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         # whole loop (its default loader, or --workers N) from its per-step timings. The two
         # alternate in short chunks of steps (ours stops with --stop-at and resumes), so load
         # from other processes on a shared machine hits both sides alike; the ratio is the
-        # median over adjacent
-        # (peer chunk, ours chunk) pairs of their median step times, which cancels load that
-        # drifts over the run. Both skip the first 2 steps; ours also skips each resumed
-        # chunk's first step (loader worker start-up, once per run outside this bench).
+        # median over adjacent (peer chunk, ours chunk) pairs of their median step times,
+        # which cancels load that drifts over the run. Both skip the first 2 steps; ours also
+        # skips each resumed chunk's first step (loader worker start-up, once per run outside
+        # this bench).
         bare = [kept[i % len(kept)] for i in range(steps)]
         threads = torch.get_num_threads()  # both sides run with the same torch thread count
         peer = bare_open_clip(arch)
@@ -114,7 +117,6 @@ def main(argv: list[str] | None = None) -> int:
                         "--save-every", str(chunk), "--out", str(out), "--workers", str(a.workers),
                         "--warmup", "2", "--threads", str(threads), "--resume", "latest"])
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        workers_used = json.loads((out / "summary.json").read_text())["loader_workers"]
         steady = [r for r in rows if r["step"] > 2 and (r["step"] - 1) % chunk != 0]
         ours_chunks = [[r["step_s"] for r in steady if (r["step"] - 1) // chunk == c]
                        for c in range(len(peer_chunks))]
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f" --workers {a.workers}" if a.workers != 1 else ""),
         "model": arch, "batch_size": batch, "steps": steps,
         "chunk_steps": chunk, "cores": os.cpu_count(), "torch_threads_both_sides": threads,
-        "loader_workers": workers_used,
+        "loader_workers": a.workers,
         "grad_clip_both_sides": GRAD_CLIP,
         "ours_samples_per_s": round(ours_sps, 2),
         "peer_bare_open_clip_samples_per_s": round(peer_sps, 2),

@@ -140,31 +140,6 @@ def _prefixed(rows: np.ndarray) -> np.ndarray:
         rows[:, 345] != 0)
 
 
-def _scan_ustar(path: str | Path) -> list[tuple[str, int, int]] | None:
-    """(name, data offset, size) of regular files by reading only the 512-byte headers.
-
-    Handles plain ustar/v7 headers, which is what img2dataset and witforge write; returns None
-    on anything else (pax or GNU long-name records, sparse files, bad checksums...) so the
-    caller can fall back to tarfile. The per-header Python work is one size parse; checksums,
-    type flags and names are decoded for all headers at once with numpy.
-    """
-    found = _headers(path)
-    if found is None:
-        return None
-    rows, heads = found
-    prefixed = _prefixed(rows)
-    files = np.flatnonzero(rows[:, 156] != 53)
-    out = []
-    for i, name, offset, size in zip(
-            files.tolist(), _names(rows)[files].view("S100").ravel().tolist(),
-            (heads + 512)[files].tolist(), _octal_runs(rows[:, 124:136])[files].tolist(),
-            strict=True):
-        if prefixed[i]:
-            name = rows[i, 345:500].tobytes().split(b"\0", 1)[0] + b"/" + name
-        out.append((name.decode("utf-8"), offset, size))
-    return out
-
-
 _IMAGE_EXTS_S = np.array([e.encode() for e in IMAGE_EXTS], "S4")
 
 
@@ -217,16 +192,12 @@ def scan_images(path: str | Path) -> TarImages:
         fast = None
     if fast is not None:
         return fast
+    # anything else (non-ASCII names, ustar prefixes, pax/GNU records): tarfile
     try:
-        members = _scan_ustar(path)
-    except (OSError, ValueError, UnicodeDecodeError):
-        members = None
-    if members is None:
-        try:
-            with tarfile.open(path, "r:") as tf:
-                members = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
-        except (tarfile.TarError, OSError) as e:
-            raise ValueError(f"{path}: not a readable tar: {e}") from e
+        with tarfile.open(path, "r:") as tf:
+            members = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"{path}: not a readable tar: {e}") from e
     keys: list[str] = []
     exts: list[str] = []
     offsets: list[int] = []

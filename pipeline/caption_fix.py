@@ -26,7 +26,6 @@ import re
 import unicodedata
 
 import ftfy
-import pyarrow as pa
 from ftfy import chardata
 from ftfy.badness import is_bad
 from ftfy.fixes import uncurl_quotes
@@ -72,8 +71,3 @@ def fix_caption(text: str) -> str:
         return uncurled
     return ftfy.fix_text(text)
 
-
-def fix_captions(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """The DuckDB UDF (Arrow in, Arrow out): ``fix_caption`` on every non-NULL value."""
-    return pa.array([None if s is None else fix_caption(s) for s in arr.to_pylist()],
-                    type=pa.string())

@@ -252,6 +252,23 @@ def _index_members(con: Any, run_dir: Path) -> list[str]:
     return [str(run_dir / t) for t in tars]
 
 
+def _open_all(paths: list[str]) -> list[int]:
+    """One read-only descriptor per crawl tar, held for the whole stage (shards draw from any
+    tar in shuffled order). A crawl of many tars can pass the usual soft limit of 1024 open
+    files: raise it up to the hard limit, and say so when even that is too few."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = len(paths) + 256  # parquet, DuckDB and the output shards besides
+    if need > soft:
+        if hard != resource.RLIM_INFINITY and need > hard:
+            raise StageError(f"shard: {len(paths)} crawl tars to read but at most {hard} open "
+                             "files allowed (ulimit -Hn); raise the limit or crawl into fewer, "
+                             "larger tars (crawl.number_sample_per_shard)")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    return [os.open(p, os.O_RDONLY) for p in paths]
+
+
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -298,7 +315,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     con.execute(_PLAN_SQL, {"copies": s.upsample, "seed": s.seed})
     total = con.execute("SELECT count(*) FROM shard_plan").fetchall()[0][0]
     shards: dict[str, list] = {"shard": [], "samples": [], "bytes": [], "sha256": []}
-    fds = [os.open(p, os.O_RDONLY) for p in paths]
+    fds = _open_all(paths)
     try:
         # one query for the whole plan, streamed as Arrow columns: metadata JSON and member
         # names are built by DuckDB, not per sample in Python

@@ -136,14 +136,15 @@ def test_fast_ustar_header_equals_tarfile():
 def test_fast_tar_index_equals_tarfile(tmp_path):
     import tarfile
 
-    from dedup.imagestore import _scan_ustar, index_tar
+    from dedup.imagestore import _scan_images_numpy, index_tar
     from tests.curation_fixtures import write_tar
 
     plain, long = tmp_path / "plain.tar", tmp_path / "long.tar"
     members = [(f"{i:05d}.jpg", jpeg(drawn_image(i, 32))) for i in range(5)]
     write_tar(plain, members + [("00001.txt", b"caption"), ("sub/00009.png", b"\x89PNG")])
     write_tar(long, members + [("z" * 150 + ".jpg", b"data")])  # needs a pax record
-    assert _scan_ustar(long) is None  # falls back to tarfile
+    assert _scan_images_numpy(plain) is not None
+    assert _scan_images_numpy(long) is None  # falls back to tarfile
     for path in (plain, long):
         with tarfile.open(path) as tf:
             ref = {m.name: (m.offset_data, m.size) for m in tf if m.isfile()}
@@ -220,3 +221,32 @@ def test_numpy_tar_scan_follows_webdataset_naming(tmp_path):
     empty = tmp_path / "empty.tar"
     write_tar(empty, [])
     assert scan_images(empty).keys() == [] and len(scan_images(empty).sizes) == 0
+
+
+def test_many_crawl_tars_raise_the_open_file_limit_or_fail_clearly(tmp_path):
+    # a fresh interpreter: the test lowers its limits, which cannot always be raised back
+    import subprocess
+    import sys
+
+    for i in range(100):
+        (tmp_path / f"{i}.tar").write_bytes(b"")
+    code = f"""
+import resource, sys
+from pathlib import Path
+from pipeline.shard import _open_all
+from pipeline.stage import StageError
+paths = sorted(str(p) for p in Path({str(tmp_path)!r}).glob("*.tar"))
+hard = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+try:
+    fds = _open_all(paths)
+except StageError as e:
+    print("error", e)
+else:
+    print("ok", len(fds), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+    run = lambda hard: subprocess.run([sys.executable, "-c", code, str(hard)],  # noqa: E731
+                                      capture_output=True, text=True, check=True).stdout
+    assert run(1000).split() == ["ok", "100", "356"]  # soft limit raised to what it needs
+    out = run(300)
+    assert out.startswith("error") and "100 crawl tars" in out and "ulimit -Hn" in out

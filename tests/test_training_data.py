@@ -133,7 +133,8 @@ def test_bad_weights_are_rejected(shards, tools):
 
 
 def test_zero_and_one_worker_give_the_same_batches(shards, tools):
-    # auto workers switches between these two: the data a run sees must not depend on it
+    # --workers 0 (in process) and 1 read one stream: the data a run sees must not depend
+    # on where the loading runs (README, `--workers`)
     base = dict(batch_size=7, seed=5, shuffle_buffer=20)
     a = _take(LoaderConfig([str(shards)], workers=0, **base), tools, 4, pre=0)
     b = _take(LoaderConfig([str(shards)], workers=1, **base), tools, 4, pre=0)

@@ -8,8 +8,9 @@ One *slot* = (rank, worker). Every slot reads its own deterministic, infinite st
 
 * Local .tar shards are read by ``training.tarstream`` (a plain header parser; other URLs by
   webdataset), and open_clip's usual transform runs as ``training.fastpre.FastBatch``: the
-  same PIL crops and resizes, ToTensor + Normalize once per batch. Same batches as before,
-  at under half the loader CPU (bench: 831 -> ~1,900 samples/s per worker), which matters
+  same PIL crops and resizes, ToTensor + Normalize once per batch (train-time crop boxes are
+  drawn from a Python RNG seeded per batch: torchvision's distribution, not its exact draws).
+  Under half the loader CPU (bench: 831 -> 1,400-2,400 samples/s per worker), which matters
   when the loader shares 2 cores with torch's threads.
 
 * ``resampled=True`` draws shards with replacement (seeded per slot); otherwise the slot makes

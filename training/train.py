@@ -250,7 +250,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
 
     elapsed = time.time() - t_run
     summary = {"steps": step, "target_steps": o.steps, "global_batch": global_batch,
-               "world_size": world, "loader_workers": o.workers, "final_loss": last_loss,
+               "world_size": world, "final_loss": last_loss,
                "samples_per_s": seen_this_run / elapsed if elapsed > 0 else 0.0,
                "skipped_samples": dict(position.skipped), "out": str(out)}
     if main_proc:
