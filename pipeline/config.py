@@ -142,7 +142,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "fp32"
     loss: str = "clip"  # clip | siglip
-    workers: int = 1  # loader processes (0 = in the training process; same batches)
+    workers: int = 2  # loader processes (0 = in the training process, same batches as 1)
+    worker_priority: str = "auto"  # auto | normal | low | idle (auto: idle on the CPU)
     save_every: int = 100
     seed: int = 0
     keep: int = 2  # step checkpoints kept in runs/<build>/train/checkpoints/
@@ -338,6 +339,8 @@ def _validate(cfg: BuildConfig) -> None:
         fail("decontaminate.max_distance", "must be between 0 and 63")
     if cfg.train.workers < 0:
         fail("train.workers", "must be >= 0")
+    if cfg.train.worker_priority not in ("auto", "normal", "low", "idle"):
+        fail("train.worker_priority", "must be one of auto, normal, low, idle")
     if cfg.train.loss not in ("clip", "siglip"):
         fail("train.loss", "must be clip or siglip")
     if cfg.train.precision not in ("fp32", "bf16", "fp16", "amp", "amp_bf16"):

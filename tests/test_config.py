@@ -38,6 +38,8 @@ def test_defaults_and_values(tmp_path: Path) -> None:
     ("name: x\nsources: [{path: a}]\ncrawl: {timeout: fast}\n", "crawl.timeout"),
     ("name: x\nsources: [{path: a}]\ntrain: {lr: '1e-3x'}\n", "train.lr"),
     ("name: x\nsources: [{path: a}]\ncrawl: {resize_mode: squash}\n", "crawl.resize_mode"),
+    ("name: x\nsources: [{path: a}]\ntrain: {worker_priority: high}\n",
+     "train.worker_priority"),
     ("name: x\nsources: [{path: a, format: xls}]\n", "sources[0].format"),
     ("sources: [{path: a}]\n", "missing required key name"),
     ("name: x\nsources: [{path: a}\n", "not valid YAML"),

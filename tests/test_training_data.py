@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,33 @@ def test_zero_and_one_worker_give_the_same_batches(shards, tools):
         assert x[2]["keys"] == y[2]["keys"]
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
 
+
+
+@pytest.mark.parametrize("priority", ["normal", "low", "idle"])
+def test_workers_run_at_the_configured_cpu_priority(shards, tools, priority):
+    # idle (SCHED_IDLE) is what the train loop picks on the CPU: the worker must only take
+    # cycles the training step leaves free; a regression here shows only as lost throughput
+    cfg = LoaderConfig([str(shards)], batch_size=4, workers=1, worker_priority=priority)
+    it = iter(make_loader(cfg, tools[1], tools[2]))
+    next(it)
+    (pid,) = [w.pid for w in it._workers]
+    own_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    policy = os.sched_getscheduler(pid)
+    nice = os.getpriority(os.PRIO_PROCESS, pid)
+    del it
+    assert policy == (os.SCHED_IDLE if priority == "idle" else os.SCHED_OTHER)
+    assert nice == (min(19, own_nice + 10) if priority == "low" else own_nice)
+
+
+def test_unknown_worker_priority_is_rejected(shards, tools):
+    cfg = LoaderConfig([str(shards)], batch_size=4, workers=1, worker_priority="high")
+    with pytest.raises(ValueError, match="'high' is not one of normal, low, idle"):
+        make_loader(cfg, tools[1], tools[2])
+
+
+def test_train_loop_idles_its_workers_on_the_cpu_only():
+    from training.train import worker_priority
+
+    assert worker_priority("auto", torch.device("cpu")) == "idle"
+    assert worker_priority("auto", torch.device("cuda", 0)) == "normal"
+    assert worker_priority("low", torch.device("cpu")) == "low"

@@ -32,7 +32,8 @@ class TrainOptions:
     grad_clip: float = 1.0
     precision: str = "fp32"
     loss: str = "clip"
-    workers: int = 1
+    workers: int = 2
+    worker_priority: str = "auto"  # auto = idle when training on the CPU, else normal
     save_every: int = 100
     keep: int = 2
     seed: int = 0
@@ -74,8 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     a("--grad-clip", type=float, help="max gradient norm (0 = off)")
     a("--precision", choices=sorted(PRECISIONS))
     a("--loss", choices=["clip", "siglip"])
-    a("--workers", type=int, help="DataLoader worker processes per rank (0 = in process; 0 "
-      "and 1 give the same batches)")
+    a("--workers", type=int, help="DataLoader worker processes per rank (default 2; 0 = in "
+      "process; 0 and 1 give the same batches)")
+    a("--worker-priority", choices=["auto", "normal", "low", "idle"],
+      help="CPU priority of loader workers: idle = only cycles the training step leaves "
+           "free (auto's choice on the CPU), low = nice 10, normal (auto's choice on GPUs)")
     a("--save-every", type=int, help="checkpoint every N steps (and at the end)")
     a("--keep", type=int, help="step checkpoints kept (older ones are deleted)")
     a("--seed", type=int)

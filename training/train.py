@@ -117,6 +117,15 @@ def clamp_logit_scale(model: torch.nn.Module) -> None:
         model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
+def worker_priority(choice: str, device: torch.device) -> str:
+    """``auto``: on the CPU the loader workers share the cores with the training step and
+    take only its idle cycles (``training.data.set_worker_priority``); with a GPU the cores
+    are the workers' own."""
+    if choice != "auto":
+        return choice
+    return "idle" if device.type == "cpu" else "normal"
+
+
 def batch_fingerprint(keys: list[str]) -> str:
     return hashlib.sha1("\n".join(keys).encode()).hexdigest()[:12]
 
@@ -179,7 +188,8 @@ def train(o: TrainOptions) -> dict[str, Any]:
     loader_cfg = LoaderConfig(
         sources=o.train_data, weights=o.weights, batch_size=o.batch_size, seed=o.seed,
         resampled=o.resampled, shuffle_buffer=o.shuffle_buffer, split=o.split,
-        workers=o.workers, rank=rank, world_size=world)
+        workers=o.workers, rank=rank, world_size=world,
+        worker_priority=worker_priority(o.worker_priority, device))
     batches = iter(make_loader(loader_cfg, preprocess, tokenizer, copy.deepcopy(position)))
 
     ddp_model = model
