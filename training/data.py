@@ -312,9 +312,9 @@ def set_worker_priority(priority: str, worker_id: int = 0) -> None:
     on the same cores, torch's threads wait for each other at every op, so a worker that
     takes a core from one of them stalls both. ``idle`` (Linux SCHED_IDLE) runs the worker
     only on cycles torch leaves free — between and inside small single-threaded ops, and
-    while the step waits for data (bench_train on 2 cores: 0.93-0.97x of a bare step, against
-    0.84-0.98x with nice 10). ``low`` is nice 10, for machines shared with other jobs where an
-    idle worker could starve."""
+    while the step waits for data (bench_train, 2 cores: 0.93-0.95x of a bare step with 2 idle
+    workers in 3 runs; 0.86 and 0.97x with one nice-10 worker). ``low`` is nice 10, for
+    machines shared with other jobs where an idle worker could starve."""
     if priority == "low":
         os.nice(10)
     elif priority == "idle":
