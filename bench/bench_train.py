@@ -5,7 +5,7 @@ Peer: the same model (witforge-tiny), open_clip's ClipLoss and the loop's own Ad
 clipping (the same foreach call), so the ratio measures the pipeline, not the optimizer
 step's arithmetic, on the same batches already in memory — no data pipeline, no logging, no
 checkpoints — with the same torch thread count. The two alternate in chunks of 12 steps
-(20 pairs: single pair ratios spread 0.75-1.22 on this shared VM). Both sides: step times
+(20 pairs: single pair ratios spread 0.58-1.33 on this shared VM). Both sides: step times
 after 2 warm-up steps (ours also leaves out the first 3 steps of each resumed chunk: the
 restart's worker start-up and prefetch burst, once per run outside this bench); samples/s =
 batch / median step time (the median resists bursts of load from other processes on a
@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 
-from training.options import TrainOptions
+from training.options import WORKER_PRIORITY_CHOICES, TrainOptions
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 # The loop clips by default (TrainOptions.grad_clip); the peer does the same arithmetic.
-GRAD_CLIP = TrainOptions().grad_clip
+LOOP = TrainOptions()  # the loop's defaults
+GRAD_CLIP = LOOP.grad_clip
 
 
 def bare_open_clip(arch: str):
@@ -48,8 +49,8 @@ def bare_open_clip(arch: str):
 
     torch.manual_seed(0)
     model, _, _, _ = M.create(arch)
-    o = TrainOptions()  # the loop's defaults: AdamW groups, lr, fused kernel
-    opt = make_optimizer(param_groups(model, o.weight_decay), o.lr, torch.device("cpu"))
+    # the loop's AdamW: its groups, lr and fused kernel
+    opt = make_optimizer(param_groups(model, LOOP.weight_decay), LOOP.lr, torch.device("cpu"))
     loss_fn = ClipLoss()
     return lambda batches: _steps(model, opt, loss_fn, batches)
 
@@ -72,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--workers", type=int, default=TrainOptions().workers,
+    p.add_argument("--workers", type=int, default=LOOP.workers,
                    help="our loop's DataLoader workers (default: the loop's default, "
-                        f"{TrainOptions().workers}; 0 = in process)")
-    p.add_argument("--worker-priority", default=TrainOptions().worker_priority,
-                   choices=["auto", "normal", "low", "idle"],
+                        f"{LOOP.workers}; 0 = in process)")
+    p.add_argument("--worker-priority", default=LOOP.worker_priority,
+                   choices=WORKER_PRIORITY_CHOICES,
                    help="our loop's loader worker priority (default: the loop's, auto)")
     a = p.parse_args(argv if argv is not None else sys.argv[1:])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -110,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         # which cancels load that drifts over the run. Both skip the first 2 steps; ours also
         # skips each resumed chunk's first steps: the restarted workers replay their stream
         # position and fill their prefetch queues at full speed there, which a run does once
-        # and this bench once per chunk (with 6-step chunks and 1 step skipped, pair ratios
-        # spread 0.73-1.21 around the same median).
+        # and this bench once per chunk (it used to skip 1 step in 6-step chunks; the old
+        # default loader measured 0.88x that way and 0.86/0.97x with 3 of 12 skipped).
         bare = [kept[i % len(kept)] for i in range(steps)]
         threads = torch.get_num_threads()  # both sides run with the same torch thread count
         peer = bare_open_clip(arch)
@@ -138,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "area": "train", "command": "python -m bench.bench_train" + (" --quick" if a.quick else "")
-        + (f" --workers {a.workers}" if a.workers != TrainOptions().workers else "")
+        + (f" --workers {a.workers}" if a.workers != LOOP.workers else "")
         + (f" --worker-priority {a.worker_priority}"
-           if a.worker_priority != TrainOptions().worker_priority else ""),
+           if a.worker_priority != LOOP.worker_priority else ""),
         "model": arch, "batch_size": batch, "steps": steps,
         "chunk_steps": chunk, "steps_skipped_after_each_restart": restart_skip,
         "cores": os.cpu_count(), "torch_threads_both_sides": threads,

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from training.options import WORKER_PRIORITY_CHOICES
+
 
 class ConfigError(ValueError):
     """A build file is missing, malformed, or names an unknown or mistyped key."""
@@ -339,8 +341,8 @@ def _validate(cfg: BuildConfig) -> None:
         fail("decontaminate.max_distance", "must be between 0 and 63")
     if cfg.train.workers < 0:
         fail("train.workers", "must be >= 0")
-    if cfg.train.worker_priority not in ("auto", "normal", "low", "idle"):
-        fail("train.worker_priority", "must be one of auto, normal, low, idle")
+    if cfg.train.worker_priority not in WORKER_PRIORITY_CHOICES:
+        fail("train.worker_priority", f"must be one of {', '.join(WORKER_PRIORITY_CHOICES)}")
     if cfg.train.loss not in ("clip", "siglip"):
         fail("train.loss", "must be clip or siglip")
     if cfg.train.precision not in ("fp32", "bf16", "fp16", "amp", "amp_bf16"):

@@ -144,7 +144,6 @@ def test_zero_and_one_worker_give_the_same_batches(shards, tools):
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
 
 
-
 @pytest.mark.parametrize("priority", ["normal", "low", "idle"])
 def test_workers_run_at_the_configured_cpu_priority(shards, tools, priority):
     # idle (SCHED_IDLE) is what the train loop picks on the CPU: the worker must only take

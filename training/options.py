@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+# loader worker CPU priority (training.data.set_worker_priority); auto picks per device
+WORKER_PRIORITY_CHOICES = ("auto", "normal", "low", "idle")
 PRECISIONS = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "amp_bf16": "bf16", "amp": "fp16"}
 
 
@@ -77,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--loss", choices=["clip", "siglip"])
     a("--workers", type=int, help="DataLoader worker processes per rank (default 2; 0 = in "
       "process; 0 and 1 give the same batches)")
-    a("--worker-priority", choices=["auto", "normal", "low", "idle"],
+    a("--worker-priority", choices=WORKER_PRIORITY_CHOICES,
       help="CPU priority of loader workers: idle = only cycles the training step leaves "
            "free (auto's choice on the CPU), low = nice 10, normal (auto's choice on GPUs)")
     a("--save-every", type=int, help="checkpoint every N steps (and at the end)")
