@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from training.options import WORKER_PRIORITY_CHOICES, TrainOptions
+from pipeline.config import WORKER_PRIORITY_CHOICES
+from training.options import TrainOptions
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 # The loop clips by default (TrainOptions.grad_clip); the peer does the same arithmetic.

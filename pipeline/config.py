@@ -16,7 +16,9 @@ from typing import Any
 
 import yaml
 
-from training.options import WORKER_PRIORITY_CHOICES
+# train.worker_priority: the loader workers' CPU priority (training.data.set_worker_priority);
+# auto = idle when training on the CPU, normal with a GPU
+WORKER_PRIORITY_CHOICES = ("auto", "normal", "low", "idle")
 
 
 class ConfigError(ValueError):

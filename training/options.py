@@ -13,8 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# loader worker CPU priority (training.data.set_worker_priority); auto picks per device
-WORKER_PRIORITY_CHOICES = ("auto", "normal", "low", "idle")
+from pipeline.config import WORKER_PRIORITY_CHOICES
+
 PRECISIONS = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "amp_bf16": "bf16", "amp": "fp16"}
 
 
