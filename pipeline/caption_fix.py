@@ -17,7 +17,8 @@ of them says yes:
 A caption none of these apply to is returned as it is; one whose only trigger is curly
 quotes comes back uncurled. Both are what ``fix_text`` would return: tests/test_caption_fix.py
 checks every BMP code point and random text against ftfy itself. 3-20 µs per caption
-instead of 25-90; mojibake still takes ftfy's full path.
+instead of 25-90. Mojibake still runs ftfy's ``fix_encoding`` in full, and only then the
+questions above on its result (``_fix_mojibake`` says why that is the same): ~40 µs, not ~85.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ftfy.badness import is_bad
 from ftfy.fixes import uncurl_quotes
 
 MAX_SEGMENT = ftfy.TextFixerConfig().max_decode_length
+_ENCODING_ONLY = ftfy.TextFixerConfig(explain=False)
 
 
 def _trigger_pattern() -> re.Pattern[str]:
@@ -59,8 +61,10 @@ def ftfy_would_change(text: str) -> bool:
 
 def fix_caption(text: str) -> str:
     """``ftfy.fix_text(text)``, skipping the call where its result is known."""
-    if len(text) > MAX_SEGMENT or is_bad(text):
+    if len(text) > MAX_SEGMENT:
         return ftfy.fix_text(text)
+    if is_bad(text):
+        return _fix_mojibake(text)
     if _clean(text):
         return text
     # Curly quotes are the commonest trigger (it’s, “…”). When uncurling them is the only
@@ -71,3 +75,20 @@ def fix_caption(text: str) -> str:
         return uncurled
     return ftfy.fix_text(text)
 
+
+
+def _fix_mojibake(text: str) -> str:
+    """``fix_text`` of a caption ``is_bad`` flags, running only its encoding fixer in full.
+
+    For one segment (no newline) without a '&', ``fix_text``'s first pass is: unescape (a
+    no-op without '&'), ``fix_encoding`` (which loops to its own fixed point, so it is
+    idempotent), then the character fixers and NFC; later passes repeat that on the result.
+    ``fix_text(fix_encoding(text))`` therefore runs the same passes on the same strings, and
+    its fixers are what the fast path above answers. A mojibake caption then costs ~40 µs
+    instead of ~85: the fixers' full run is what it skips."""
+    if "&" in text or "\n" in text:
+        return ftfy.fix_text(text)
+    decoded = ftfy.fix_encoding(text, _ENCODING_ONLY)
+    if decoded == text or "&" in decoded or "\n" in decoded:
+        return ftfy.fix_text(text)
+    return fix_caption(decoded)  # decoded is a fixed point of fix_encoding: no second round

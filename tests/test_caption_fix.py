@@ -44,3 +44,29 @@ def test_known_repairs_and_skips() -> None:
         assert not ftfy_would_change(unchanged)
         assert fix_caption(unchanged) == unchanged
 
+
+
+def _mojibake(text: str, codec: str) -> str:
+    """UTF-8 bytes read as a single-byte code page: what ftfy's fix_encoding undoes."""
+    return text.encode("utf-8").decode(codec, errors="replace")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x2FF)
+               | st.sampled_from("“”‘’—–…€™&<\n東京ﬁＡ"), max_size=30),
+       st.sampled_from(["latin-1", "cp1252", "cp1251", "iso-8859-2", "mac_roman", "cp437"]))
+def test_mojibake_matches_ftfy(text: str, codec: str) -> None:
+    broken = _mojibake(text, codec)
+    assert fix_caption(broken) == ftfy.fix_text(broken)
+
+
+def test_mojibake_runs_only_the_encoding_fixer(monkeypatch) -> None:
+    import pipeline.caption_fix as cf
+
+    calls = []
+    monkeypatch.setattr(cf.ftfy, "fix_text", lambda t, *a, **k: calls.append(t) or t)
+    assert fix_caption("cafÃ© crÃ¨me") == "café crème"
+    assert fix_caption("â€œquotedâ€\x9d and itâ€™s") == "\"quoted\" and it's"
+    assert calls == []  # decoded by fix_encoding, finished by the fast path
+    fix_caption("cafÃ© &amp; crÃ¨me")  # a '&': unescaping may interleave, ftfy runs in full
+    assert calls == ["cafÃ© &amp; crÃ¨me"]
