@@ -132,35 +132,39 @@ def load_raw(con: duckdb.DuckDBPyConnection, cfg: BuildConfig) -> tuple[int, lis
     return rows, rejects
 
 
-def repair_captions(con: duckdb.DuckDBPyConnection) -> int:
-    """ftfy on the captions of table raw that can need it, in place; returns how many changed.
+def mark_special_captions(con: duckdb.DuckDBPyConnection, repair: bool) -> int:
+    """Table special(r, c): the raw rowid of every caption with a non-ASCII or control
+    character or a '&', and that caption after ftfy when ``repair``; returns how many changed.
 
-    Only captions with a non-ASCII or control character or a '&' are candidates (one
-    vectorized regex finds them; 3 % of the bench manifest). They are repaired in Python
-    outside any DuckDB query: the same work as a Python UDF inside the parallel query cost
-    ~1.7x the CPU on 1M rows (2.5-2.9 vs 1.6 CPU-s)."""
-    todo = con.sql("SELECT rowid AS r, caption_raw AS c FROM raw "
-                   r"WHERE regexp_matches(caption_raw, '[^\x20-\x7E]|&')").fetchall()
-    changed_rows, changed_text = [], []
-    for r, c in tqdm(todo, desc="ingest: ftfy", unit="caption", file=sys.stderr,
-                     disable=len(todo) < 65536, mininterval=1):
-        fixed = fix_caption(c)
-        if fixed != c:
-            changed_rows.append(r)
-            changed_text.append(fixed)
-    if changed_rows:
-        con.register("fixed_captions", pa.table({"r": pa.array(changed_rows, pa.int64()),
-                                                 "c": pa.array(changed_text, pa.string())}))
-        con.execute("UPDATE raw SET caption_raw = f.c FROM fixed_captions f WHERE raw.rowid = f.r")
-        con.unregister("fixed_captions")
-    return len(changed_rows)
+    Only these captions can need ftfy (one vectorized regex finds them; 3 % of the bench
+    manifest), and the rest are printable ASCII, which the ingest script normalizes with plain
+    string tests. They are repaired in Python outside any DuckDB query: the same work as a
+    Python UDF inside the parallel query cost ~1.7x the CPU on 1M rows (2.5-2.9 vs 1.6 CPU-s).
+    The script joins the small table back by rowid: an UPDATE of raw cost 4x that join."""
+    todo = con.execute("SELECT rowid AS r, caption_raw AS c FROM raw "
+                       r"WHERE regexp_matches(caption_raw, '[^\x20-\x7E]|&')").fetchall()
+    rows = [r for r, _ in todo]
+    texts = [c for _, c in todo]
+    changed = 0
+    if repair:
+        for i, c in enumerate(tqdm(texts, desc="ingest: ftfy", unit="caption", file=sys.stderr,
+                                   disable=len(texts) < 65536, mininterval=1)):
+            fixed = fix_caption(c)
+            if fixed != c:
+                texts[i] = fixed
+                changed += 1
+    con.register("special_captions", pa.table({"r": pa.array(rows, pa.int64()),
+                                               "c": pa.array(texts, pa.string())}))
+    con.execute("CREATE OR REPLACE TEMP TABLE special AS SELECT * FROM special_captions")
+    con.unregister("special_captions")
+    return changed
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     cfg = ctx.cfg
     con = ctx.connect()
     rows_read, rejects = load_raw(con, cfg)
-    repaired = repair_captions(con) if cfg.ingest.ftfy else 0
+    repaired = mark_special_captions(con, repair=cfg.ingest.ftfy)
     script = (SQL_DIR / "ingest_stage.sql").read_text()
     script = script.replace("$max_url_length", str(int(cfg.ingest.max_url_length)))
     con.execute(script)
