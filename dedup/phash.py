@@ -22,9 +22,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
 from dedup.imagestore import KEY_COL, TAR_COL, iter_tar_images
+from pipeline.progress import progress
 
 HASH_SIZE = 8
 # Starting worker processes costs ~1-3 s (imports); below this much work one process is faster.
@@ -107,7 +107,7 @@ def hash_tars(tars: Sequence[str], cache_dir: Path, workers: int = 2,
     files = [_cache_file(cache_dir, t) for t in tars]
     todo = [(t, str(f)) for t, f in zip(tars, files, strict=True) if not f.exists()]
     if todo:
-        bar = tqdm(total=len(todo), desc=desc, unit="tar", leave=False)
+        bar = progress(total=len(todo), desc=desc, unit="tar", leave=False)
         images = 0
         small = sum(os.path.getsize(t) for t, _ in todo) < _MIN_PARALLEL_BYTES
         if workers <= 1 or len(todo) == 1 or small:

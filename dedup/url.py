@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from tqdm import tqdm
 
+from pipeline.progress import progress
 from pipeline.stage import StageContext, StageError
 
 SQL_DIR = Path(__file__).parent / "sql"
@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if ctx.input_path is None:
         raise StageError("url_dedup needs an upstream stage")
     con = ctx.connect()
-    steps = tqdm(total=3, desc="url_dedup: key, compare, write", unit="step", file=sys.stderr)
+    steps = progress(total=3, desc="url_dedup: key, compare, write", unit="step", file=sys.stderr)
     source = f"read_parquet({_str(str(ctx.input_path))}, file_row_number = true)"
     script = (SQL_DIR / "url_dedup.sql").read_text().format(
         canonical=canonical_sql(source, ctx.cfg.url_dedup.strip_params),

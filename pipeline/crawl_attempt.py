@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from pipeline.config import BuildConfig
 from pipeline.guard.proxy import crawl_timeout, guarded_env
+from pipeline.progress import progress
 from pipeline.stage import StageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +200,7 @@ def run_attempt(cfg: BuildConfig, attempt: Attempt) -> None:
         # Safe crawl (issue 5): with crawl.guard, every request of the worker goes through a
         # guarding proxy on loopback (http_proxy/https_proxy in its env); see pipeline/guard.
         with guarded_env(cfg.crawl, worker_env(cfg), attempt.folder / "guard.jsonl") as env, \
-                open(attempt.log, "ab") as log, tqdm(
+                open(attempt.log, "ab") as log, progress(
             total=total, desc=f"crawl attempt {attempt.number}", unit="img", file=sys.stderr,
             mininterval=1.0, dynamic_ncols=True,
         ) as bar:

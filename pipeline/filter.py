@@ -35,9 +35,9 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from pipeline.config import BuildConfig, ConfigError, load_build
+from pipeline.progress import progress
 from pipeline.sandbox import is_permission_error, open_sandbox
 from pipeline.stage import (
     StageContext,
@@ -255,7 +255,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                     f"TO '{ctx.kept_path}' (FORMAT parquet)")
         ctx.write_empty_dropped(con)
         return {"filters": []}
-    steps = tqdm(total=3, desc=f"{section}: load, filter, write", unit="step", file=sys.stderr)
+    steps = progress(total=3, desc=f"{section}: load, filter, write", unit="step", file=sys.stderr)
     names = pq.read_schema(ctx.input_path).names
     sandbox = open_sandbox(ctx.cfg, {"pairs": ctx.input_path}, variables_of(ctx.cfg, section),
                            columns={"pairs": columns_needed(filters, names)})

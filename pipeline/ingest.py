@@ -20,10 +20,10 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-from tqdm import tqdm
 
 from pipeline.caption_fix import fix_caption
 from pipeline.config import BuildConfig, Source
+from pipeline.progress import progress
 from pipeline.stage import StageContext, StageError, StageSpec
 
 SQL_DIR = Path(__file__).parent / "sql"
@@ -106,7 +106,7 @@ def load_raw(con: duckdb.DuckDBPyConnection, cfg: BuildConfig) -> tuple[int, lis
                 "file VARCHAR)")
     rejects = []
     files = source_files(cfg)
-    for n, (i, src, path) in enumerate(tqdm(files, desc="ingest: reading", unit="file",
+    for n, (i, src, path) in enumerate(progress(files, desc="ingest: reading", unit="file",
                                             disable=len(files) < 3)):
         if path.stat().st_size == 0:
             raise StageError(f"{path}: the file is empty (sources[{i}])")
@@ -147,7 +147,7 @@ def mark_special_captions(con: duckdb.DuckDBPyConnection, repair: bool) -> int:
     texts = [c for _, c in todo]
     changed = 0
     if repair:
-        for i, c in enumerate(tqdm(texts, desc="ingest: ftfy", unit="caption", file=sys.stderr,
+        for i, c in enumerate(progress(texts, desc="ingest: ftfy", unit="caption", file=sys.stderr,
                                    disable=len(texts) < 65536, mininterval=1)):
             fixed = fix_caption(c)
             if fixed != c:

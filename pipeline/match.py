@@ -34,7 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
+
+from pipeline.progress import progress
 
 PUNCTS = ",.;:?!`"
 _TRANSLATE = str.maketrans({**{c: f" {c} " for c in PUNCTS}, "\t": " ", "\n": " ", "\r": " "})
@@ -142,7 +143,7 @@ def match_parquet_ac(input_path: Path, entries: pa.Table, out_dir: Path, workers
     workers = min(workers or os.cpu_count() or 1, max(1, len(tasks)))
     if pf.metadata.num_rows < spawn_min_rows:  # seconds of work: not worth spawning processes
         workers = 1
-    bar = tqdm(total=pf.metadata.num_rows, unit="rows", desc="match", leave=False)
+    bar = progress(total=pf.metadata.num_rows, unit="rows", desc="match", leave=False)
     total = 0
     try:
         if workers == 1:
@@ -203,7 +204,7 @@ def match_parquet_duckdb(con: duckdb.DuckDBPyConnection, input_path: Path, entri
         size += pf.metadata.row_group(rg).num_rows
     sql = match_sql("pool_chunk")
     total = 0
-    with tqdm(total=pf.metadata.num_rows, unit="rows", desc="match", leave=False) as bar:
+    with progress(total=pf.metadata.num_rows, unit="rows", desc="match", leave=False) as bar:
         for k, rgs in enumerate(chunks):
             t = pf.read_row_groups(rgs, columns=[uid_col, caption_col]) if rgs else \
                 pa.table({uid_col: pa.array([], pa.string()),

@@ -34,7 +34,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from pipeline.guard.proxy import (
     GuardProxy,
@@ -43,6 +42,7 @@ from pipeline.guard.proxy import (
     settings_from_crawl,
 )
 from pipeline.guard.robotstxt import MAX_BYTES, RobotsRules, origin_of, path_of
+from pipeline.progress import progress
 from pipeline.stage import StageContext, StageError
 
 SQL = Path(__file__).parent / "sql" / "robots_split.sql"
@@ -149,7 +149,7 @@ def _fetch_missing(ctx: StageContext, origins: list[str], cache_path: Path,
     with GuardProxy(settings, events_path=ctx.work_dir / "guard.jsonl") as proxy, \
             open(cache_path, "a", encoding="utf-8") as out, \
             ThreadPoolExecutor(workers) as pool, \
-            tqdm(total=len(todo), desc="robots.txt", unit="site", file=sys.stderr,
+            progress(total=len(todo), desc="robots.txt", unit="site", file=sys.stderr,
                  mininterval=1.0, dynamic_ncols=True) as bar:
         opener = proxy.opener()
         timeout = client_timeout(settings)

@@ -37,6 +37,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from dedup.imagestore import KEY_COL, TAR_COL, scan_images
+from pipeline.progress import progress
 from pipeline.stage import StageContext, StageError
 
 _PLAN_SQL = (Path(__file__).parent / "sql" / "shard_plan.sql").read_text()
@@ -233,7 +234,7 @@ def _index_members(con: Any, run_dir: Path) -> list[str]:
     tars = [r[0] for r in con.execute(
         f"SELECT DISTINCT {TAR_COL} FROM src WHERE {TAR_COL} IS NOT NULL ORDER BY 1").fetchall()]
     found = []
-    for tar in tqdm(tars, desc="index crawl tars", unit="tar", leave=False):
+    for tar in progress(tars, desc="index crawl tars", unit="tar", leave=False):
         try:
             found.append(scan_images(run_dir / tar))
         except ValueError as e:
@@ -327,7 +328,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ).to_arrow_reader(s.samples_per_shard)
         jobs = ((ctx.out_dir, shard_name(i), t, fds)
                 for i, t in enumerate(_shard_tables(reader, s.samples_per_shard)))
-        bar = tqdm(total=total, desc="shard", unit="sample", leave=False)
+        bar = progress(total=total, desc="shard", unit="sample", leave=False)
         # shards are independent: worker threads write them side by side (the heavy parts,
         # numpy layout, reads, hashing and writing big buffers, release the GIL); at most
         # two shards per thread are in memory at a time

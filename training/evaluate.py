@@ -29,8 +29,9 @@ from open_clip import (
     build_zero_shot_classifier,
 )
 from PIL import Image
-from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+from pipeline.progress import progress
 
 IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
 
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         net, preprocess, tokenizer = load_for_inference(model, ckpt_path)
         out.mkdir(parents=True, exist_ok=True)
         results = []
-        for d in tqdm(zs + rt, desc="evaluate", unit="set", file=sys.stderr):
+        for d in progress(zs + rt, desc="evaluate", unit="set", file=sys.stderr):
             if d in zs:
                 r = zero_shot(net, preprocess, tokenizer, Path(d), templates)
             else:

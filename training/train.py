@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from open_clip.loss import ClipLoss, SigLipLoss
-from tqdm import tqdm
 
+from pipeline.progress import progress
 from training import checkpoint as ckpt
 from training.data import LoaderConfig, LoaderPosition, make_loader, steps_per_epoch
 from training.model import create
@@ -208,7 +208,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "options.json").write_text(json.dumps(o.to_dict(), indent=1))
     stop = min(o.steps, o.stop_at) if o.stop_at else o.steps
-    bar = tqdm(total=stop, initial=step, desc="train", unit="step", disable=not main_proc,
+    bar = progress(total=stop, initial=step, desc="train", unit="step", disable=not main_proc,
                file=sys.stderr, dynamic_ncols=True)
     global_batch = o.batch_size * o.accum_freq * world
     t_run, seen_this_run = time.time(), 0

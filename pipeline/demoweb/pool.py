@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from pipeline.demoweb import sources
 from pipeline.demoweb.sources import Candidate
+from pipeline.progress import progress
 
 FIXTURE_DIR = Path(__file__).parent / "fixture"
 DEBIAN_PACKAGES = ["openclipart-png", "openclipart-svg", "fonts-noto-color-emoji",
@@ -143,7 +143,7 @@ def render_all(cands: list[Candidate], max_side: int, font: Path,
                workers: int | None = None) -> list[tuple[Candidate, bytes, str]]:
     workers = workers or min(4, os.cpu_count() or 1)
     fn = partial(_render_one, max_side=max_side, font=font)
-    bar = tqdm(total=len(cands), desc="demo pool", unit="img", file=sys.stderr)
+    bar = progress(total=len(cands), desc="demo pool", unit="img", file=sys.stderr)
     if workers <= 1 or len(cands) < 200:
         results = []
         for c in cands:

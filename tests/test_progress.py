@@ -1,0 +1,33 @@
+"""Progress bars redraw rarely in a log file and normally on a terminal."""
+
+from __future__ import annotations
+
+import io
+
+from pipeline.progress import LOG_REDRAW_S, progress
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _redraws(stream: io.StringIO) -> int:
+    return stream.getvalue().count("\r")
+
+
+def test_a_log_file_gets_few_redraws() -> None:
+    log = io.StringIO()
+    bar = progress(range(2000), file=log, mininterval=0, miniters=1)
+    assert bar.mininterval == LOG_REDRAW_S
+    for _ in bar:
+        pass
+    assert _redraws(log) <= 3  # the first draw and the final count
+    assert "2000/2000" in log.getvalue()
+
+
+def test_a_terminal_keeps_tqdm_redraws() -> None:
+    term = _Terminal()
+    for _ in progress(range(2000), file=term, mininterval=0, miniters=1):
+        pass
+    assert _redraws(term) > 1000
