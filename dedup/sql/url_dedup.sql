@@ -21,9 +21,12 @@ WITH cand AS (
     SELECT c.rn, i.uid, c.url_len, coalesce(c.canon, i.url) AS canon, i.caption
     FROM cand c JOIN read_parquet({input}, file_row_number = true) i
         ON i.file_row_number = c.rn
-), ranked AS (
-    SELECT rn, uid,
-           first(uid ORDER BY url_len, uid) OVER (PARTITION BY canon, caption) AS keeper
-    FROM full_cand
+), keepers AS (
+    -- one aggregate per group, not a window over every candidate: the window's sort of
+    -- 1.7M candidates on (canon, caption) cost 4x this hash aggregate at 10M rows
+    SELECT canon, caption, arg_min(uid, (url_len, uid)) AS keeper
+    FROM full_cand GROUP BY canon, caption
 )
-SELECT rn, uid, keeper FROM ranked WHERE uid <> keeper;
+SELECT f.rn, f.uid, k.keeper
+FROM full_cand f JOIN keepers k USING (canon, caption)
+WHERE f.uid <> k.keeper;
