@@ -248,7 +248,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
                    "step_s": round(time.time() - t0, 4), "skipped": sum(position.skipped.values()),
                    "batch": batch_fingerprint(keys)}
             _append(metrics_path, row)
-            bar.set_postfix(loss=f"{last_loss:.3f}", skipped=row["skipped"])
+            bar.set_postfix(loss=f"{last_loss:.3f}", skipped=row["skipped"], refresh=False)
         bar.update(1)
 
         if step % o.save_every == 0 or step == stop:
