@@ -147,9 +147,13 @@ def mark_special_captions(con: duckdb.DuckDBPyConnection, repair: bool) -> int:
     texts = [c for _, c in todo]
     changed = 0
     if repair:
+        # Web captions repeat ("Café", stock-photo titles): each distinct one is fixed once.
+        fixed_of: dict[str, str] = {}
         for i, c in enumerate(progress(texts, desc="ingest: ftfy", unit="caption", file=sys.stderr,
                                    disable=len(texts) < 65536, mininterval=1)):
-            fixed = fix_caption(c)
+            fixed = fixed_of.get(c)
+            if fixed is None:
+                fixed = fixed_of[c] = fix_caption(c)
             if fixed != c:
                 texts[i] = fixed
                 changed += 1

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.caption_fix import fix_caption
 from pipeline.config import load_build
 from pipeline.ledger import audit, explain
 from pipeline.stage import StageError, code_files, kept_of, run_stage
@@ -86,6 +87,21 @@ def test_captions_repaired_and_whitespace_normalized(tmp_path: Path) -> None:
     report = run_stage(cfg, "ingest", log=lambda s: None)
     assert [c for _, c, _ in _kept(cfg)] == ["café au lait", "two words here"]
     assert report["captions_repaired_by_ftfy"] == 1  # the whitespace is not ftfy's work
+
+
+def test_a_repeated_caption_is_repaired_once(tmp_path: Path, monkeypatch) -> None:
+    import pipeline.ingest as ingest
+
+    calls = []
+    monkeypatch.setattr(ingest, "fix_caption", lambda c: calls.append(c) or fix_caption(c))
+    caps = ["cafÃ© au lait", "naïve art", "cafÃ© au lait", "naïve art", "cafÃ© au lait"]
+    pq.write_table(pa.table({"url": [f"http://a.org/{i}" for i in range(5)], "caption": caps}),
+                   tmp_path / "m.parquet")
+    cfg = load_build(_build(tmp_path, "  - {path: m.parquet}\n"))
+    report = run_stage(cfg, "ingest", log=lambda s: None)
+    assert sorted(calls) == ["cafÃ© au lait", "naïve art"]
+    assert report["captions_repaired_by_ftfy"] == 3  # rows changed, not distinct captions
+    assert sorted(c for _, c, _ in _kept(cfg)) == ["café au lait"] * 3 + ["naïve art"] * 2
 
 
 def test_ascii_control_characters_go_through_ftfy(tmp_path: Path) -> None:
