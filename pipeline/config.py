@@ -99,6 +99,7 @@ class CrawlConfig:
     robots: bool = True
     per_domain_concurrency: int = 8
     per_domain_rps: float = 0.0  # 0 = unlimited
+    max_crawl_delay: float = 10.0  # honour robots.txt Crawl-delay up to this (s); 0 = ignore
 
 
 @dataclass
@@ -323,6 +324,8 @@ def _validate(cfg: BuildConfig) -> None:
             fail(f"crawl.{key}", "must be positive")
     if not cfg.crawl.per_domain_rps >= 0:
         fail("crawl.per_domain_rps", "must be >= 0 (0 = unlimited)")
+    if not 0 <= cfg.crawl.max_crawl_delay < float("inf"):
+        fail("crawl.max_crawl_delay", "must be >= 0 seconds (0 = ignore Crawl-delay)")
     for i, entry in enumerate(cfg.crawl.allow_hosts):
         host, sep, port = entry.strip().rpartition(":")
         if not sep or not host or not port.isdigit():

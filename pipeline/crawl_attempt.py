@@ -38,6 +38,7 @@ from tqdm import tqdm
 from pipeline.config import BuildConfig
 from pipeline.guard.proxy import crawl_timeout, guarded_env
 from pipeline.progress import progress
+from pipeline.robots import crawl_delays
 from pipeline.stage import StageError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -199,7 +200,8 @@ def run_attempt(cfg: BuildConfig, attempt: Attempt) -> None:
     for _ in range(2):  # a second pass retries shards img2dataset gave up on
         # Safe crawl (issue 5): with crawl.guard, every request of the worker goes through a
         # guarding proxy on loopback (http_proxy/https_proxy in its env); see pipeline/guard.
-        with guarded_env(cfg.crawl, worker_env(cfg), attempt.folder / "guard.jsonl") as env, \
+        with guarded_env(cfg.crawl, worker_env(cfg), attempt.folder / "guard.jsonl",
+                         domain_intervals=crawl_delays(cfg)) as env, \
                 open(attempt.log, "ab") as log, progress(
             total=total, desc=f"crawl attempt {attempt.number}", unit="img", file=sys.stderr,
             mininterval=1.0, dynamic_ncols=True,

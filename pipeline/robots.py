@@ -19,6 +19,10 @@ Drops have reason ``robots_disallowed`` (detail: the URL and the deciding rule),
 ``robots_unreachable`` (detail: why robots.txt could not be read — kept apart so that dead
 sites do not pass for sites that said no) or ``blocked_address`` (detail: the URL). All other
 rows are kept with every input column.
+
+Sites that ask for a ``Crawl-delay`` (for our token, else for ``*``) are listed in the stage's
+``crawl_delays.json`` (host -> seconds); the crawl's guard then spaces its requests to that
+host at least that far apart, up to ``crawl.max_crawl_delay``.
 """
 
 from __future__ import annotations
@@ -31,10 +35,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.config import BuildConfig
+from pipeline.guard.addresses import normalize_host
 from pipeline.guard.proxy import (
     GuardProxy,
     classify_guard_error,
@@ -43,10 +50,11 @@ from pipeline.guard.proxy import (
 )
 from pipeline.guard.robotstxt import MAX_BYTES, RobotsRules, origin_of, path_of
 from pipeline.progress import progress
-from pipeline.stage import StageContext, StageError
+from pipeline.stage import StageContext, StageError, get_spec, stage_dir
 
 SQL = Path(__file__).parent / "sql" / "robots_split.sql"
 CACHE = "robots.jsonl"
+DELAYS = "crawl_delays.json"  # host -> seconds, for the crawl's guard
 _BATCH = 65536
 
 
@@ -84,6 +92,30 @@ def _load_cache(path: Path) -> dict[str, dict[str, Any]]:
                 continue  # a line cut short by an interruption; fetched again
             cache[e["origin"]] = e
     return cache
+
+
+def host_delays(origins: list[str], states: list[Any], token: str) -> dict[str, float]:
+    """host -> the Crawl-delay its robots.txt asks of ``token`` (the largest over the host's
+    origins: the guard spaces requests per host, whatever the scheme or port)."""
+    out: dict[str, float] = {}
+    for origin, state in zip(origins, states, strict=True):
+        if isinstance(state, RobotsRules):
+            delay = state.crawl_delay(token)
+            host = urlsplit(origin).hostname
+            if delay and host:
+                key = normalize_host(host)
+                out[key] = max(out.get(key, 0.0), delay)
+    return out
+
+
+def crawl_delays(cfg: BuildConfig) -> dict[str, float]:
+    """The robots stage's Crawl-delays for the crawl's guard, capped at crawl.max_crawl_delay
+    (empty when the robots stage is off, has not run, or the cap is 0)."""
+    path = stage_dir(cfg, get_spec("robots")) / DELAYS
+    if not cfg.crawl.robots or cfg.crawl.max_crawl_delay <= 0 or not path.exists():
+        return {}
+    cap = float(cfg.crawl.max_crawl_delay)
+    return {h: min(float(d), cap) for h, d in json.loads(path.read_text()).items()}
 
 
 class _Verdicts:
@@ -197,7 +229,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                        kept=ctx.kept_path, dropped=ctx.dropped_path))
     drops.unlink()
     states = [verdict._state(o) for o in origins]
+    delays = host_delays(origins, states, token)
+    (ctx.out_dir / DELAYS).write_text(json.dumps(delays, indent=0, sort_keys=True))
     return {
+        "hosts_with_crawl_delay": len(delays),
+        "max_crawl_delay": max(delays.values(), default=0.0),
         "origins": len(origins),
         "robots_fetched": len(origins) - cached_before,
         "robots_cached": cached_before,

@@ -41,6 +41,7 @@ def test_defaults_and_values(tmp_path: Path) -> None:
     ("name: x\nsources: [{path: a}]\ntrain: {worker_priority: high}\n",
      "train.worker_priority"),
     ("name: x\nsources: [{path: a, format: xls}]\n", "sources[0].format"),
+    ("name: x\nsources: [{path: a}]\ncrawl: {max_crawl_delay: -1}\n", "crawl.max_crawl_delay"),
     ("sources: [{path: a}]\n", "missing required key name"),
     ("name: x\nsources: [{path: a}\n", "not valid YAML"),
 ])

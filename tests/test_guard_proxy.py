@@ -171,6 +171,22 @@ def test_per_domain_rate(tmp_path) -> None:
         assert secs >= 0.45  # 6 starts at 10/s: the last one no earlier than 0.5 s after
 
 
+def test_crawl_delay_spaces_one_host_and_travels_in_a_settings_file(tmp_path) -> None:
+    # 5,000 other hosts make the settings longer than one command-line argument may be:
+    # they reach the proxy process through a file.
+    intervals = {f"site{i}.example": 1.0 for i in range(5000)} | {"127.0.0.1": 0.3}
+    with HostileServer() as web:
+        s = GuardSettings(deadline=5, allow_hosts=[f"127.0.0.1:{web.port}"],
+                          per_domain_rps=100, domain_intervals=intervals)
+        assert len(json.dumps(s.__dict__)) > 64 * 1024
+        with GuardProxy(s) as p, ThreadPoolExecutor(4) as pool:
+            t = time.monotonic()
+            outs = list(pool.map(lambda _: fetch(p, web.base_url + "/ok.png")[0], range(4)))
+            secs = time.monotonic() - t
+        assert all(o.startswith("ok") for o in outs), outs
+        assert secs >= 0.85  # 4 starts 0.3 s apart (100/s alone would take 0.03 s)
+
+
 def test_retry_after_slows_the_domain_and_fails_fast_beyond_the_deadline() -> None:
     with HostileServer(retry_after=1) as web, HostileServer(retry_after=3600) as web2:
         # Domains are hosts (ports of one host are one site): name web2 "localhost".

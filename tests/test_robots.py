@@ -11,6 +11,7 @@ import pytest
 from pipeline.config import load_build
 from pipeline.guard.hostile import HostileServer
 from pipeline.guard.robotstxt import RobotsRules, origin_of, path_of
+from pipeline.robots import crawl_delays
 from pipeline.stage import kept_of, run_stage
 
 WIKI_LIKE = """
@@ -110,3 +111,30 @@ def test_robots_stage_drops_disallowed_urls_once_per_site(tmp_path: Path) -> Non
         assert again["robots_fetched"] == 0 and again["robots_cached"] == 4
         assert web.hits.count("/robots.txt") == 1
         assert again["kept"] == report["kept"]
+
+
+def test_crawl_delay_is_read_from_the_group_that_applies() -> None:
+    rules = RobotsRules("User-agent: *\nCrawl-delay: 2\nDisallow: /x\n\n"
+                        "User-agent: witforge\nCrawl-delay: 5\nCrawl-delay: 7.5\nAllow: /\n\n"
+                        "User-agent: quietbot\nDisallow: /q\n\n"
+                        "User-agent: oddbot\nCrawl-delay: soon\n")
+    assert rules.crawl_delay("WitForge") == 7.5  # our own group; the largest it says
+    assert rules.crawl_delay("somebot") == 2.0  # '*'
+    assert rules.crawl_delay("quietbot") is None  # its own group says nothing: not '*'
+    assert rules.crawl_delay("oddbot") is None  # not a number
+    assert rules.verdict("/x", "somebot")[0] is False  # rules around it still parse
+    assert RobotsRules("User-agent: *\nDisallow: /\n").crawl_delay("witforge") is None
+
+
+def test_robots_stage_hands_crawl_delays_to_the_crawl(tmp_path: Path) -> None:
+    with HostileServer(crawl_delay=4) as web:
+        cfg = load_build(_build(tmp_path, [web.base_url + "/ok.png"], [f"127.0.0.1:{web.port}"]))
+        for stage in ("ingest", "text_filter"):
+            run_stage(cfg, stage)
+        report = run_stage(cfg, "robots")
+        assert report["hosts_with_crawl_delay"] == 1 and report["max_crawl_delay"] == 4.0
+        assert crawl_delays(cfg) == {"127.0.0.1": 4.0}
+        cfg.crawl.max_crawl_delay = 1.5
+        assert crawl_delays(cfg) == {"127.0.0.1": 1.5}  # capped
+        cfg.crawl.max_crawl_delay = 0
+        assert crawl_delays(cfg) == {}  # 0: Crawl-delay is ignored

@@ -13,6 +13,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from pathlib import Path
 
 from pipeline.guard.server import GuardServer, GuardSettings, serve
 from pipeline.guard.wire import TAG
@@ -36,13 +37,17 @@ def main(argv: list[str] | None = None) -> int:
         description="Run the witforge guarding forward proxy in the foreground (the crawl "
         "stage starts it by itself). Prints 'witforge-guard listening HOST:PORT', writes "
         "refusals as JSON lines to --events, and exits on SIGTERM or when stdin closes.")
-    p.add_argument("--settings", default="{}", help="GuardSettings as JSON")
+    p.add_argument("--settings", default="{}",
+                   help="GuardSettings as JSON, or @FILE holding that JSON")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--events", default="", help="JSON-lines log of refusals and a summary")
     p.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
     args = p.parse_args(argv)
-    settings = GuardSettings(**json.loads(args.settings))
+    text = args.settings
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text(encoding="utf-8")
+    settings = GuardSettings(**json.loads(text))
     events = open(args.events, "a", buffering=1, encoding="utf-8") if args.events else None
 
     async def run() -> GuardServer:
@@ -70,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if events is not None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         events.write(json.dumps({
-            "t": round(time.time(), 3), "summary": guard.counts, "settings": asdict(settings),
+            "t": round(time.time(), 3), "summary": guard.counts, "settings": {
+                **asdict(settings), "domain_intervals": len(settings.domain_intervals)},
             "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 3),
             "peak_rss_kb": _peak_rss_kb()}) + "\n")
         events.close()

@@ -8,7 +8,8 @@ It serves the faults of the real web that hurt an unguarded crawler, each at a f
     /big                 a Content-Length larger than any sane cap
     /redirect?to=URL     302 to URL (another loopback port, ftp://, file://, ...)
     /ratelimited         429 with Retry-After: ``retry_after``
-    /robots.txt          disallows /private/ for witforge, everything for "badbot"
+    /robots.txt          disallows /private/ for witforge, everything for "badbot"; with
+                         ``crawl_delay`` it asks witforge for that Crawl-delay
     /private/x.png       an image that robots.txt forbids
     /headers-drip        sends the status line and then drips headers
     /sleep?s=0.3         an image after a pause (counts requests in flight: ``max_inflight``)
@@ -78,7 +79,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, srv.png)
             elif path == "/robots.txt":
                 if srv.robots_status == 200:
-                    self._send(200, ROBOTS, "text/plain")
+                    delay = f"Crawl-delay: {srv.crawl_delay}\n" if srv.crawl_delay else ""
+                    self._send(200, ROBOTS.replace(b"User-agent: witforge\n", (
+                        "User-agent: witforge\n" + delay).encode()), "text/plain")
                 else:
                     self._send(srv.robots_status, b"no robots here", "text/plain")
             elif path == "/sleep":
@@ -135,9 +138,10 @@ class HostileServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, port: int = 0, drip_interval: float = 1.0, retry_after: int = 2,
-                 robots_status: int = 200):
+                 robots_status: int = 200, crawl_delay: float = 0):
         super().__init__(("127.0.0.1", port), _Handler)
         self.robots_status = robots_status
+        self.crawl_delay = crawl_delay  # > 0: robots.txt asks witforge for this Crawl-delay
         self.lock = threading.Lock()
         self.inflight = self.max_inflight = 0
         self.drip_interval = drip_interval

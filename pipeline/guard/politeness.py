@@ -1,5 +1,6 @@
-"""Per-domain manners for the guarding proxy: a concurrency cap, a request rate, and backing
-off when a site answers 429/503 with Retry-After.
+"""Per-domain manners for the guarding proxy: a concurrency cap, a request rate (raised per
+site to its robots.txt Crawl-delay), and backing off when a site answers 429/503 with
+Retry-After.
 
 Waiting is bounded by the request's own deadline: when a domain cannot take a request before
 the deadline (it is backing off for a minute, or its slots stay busy), the request fails at
@@ -49,13 +50,16 @@ class DomainLimiter:
     """Concurrency and rate per domain for one asyncio loop."""
 
     def __init__(self, concurrency: int, rps: float, max_backoff: float = 600.0,
-                 default_backoff: float = 1.0) -> None:
+                 default_backoff: float = 1.0,
+                 intervals: dict[str, float] | None = None) -> None:
         if concurrency < 1:
             raise ValueError("crawl.per_domain_concurrency must be >= 1")
         if rps < 0:
             raise ValueError("crawl.per_domain_rps must be >= 0 (0 = unlimited)")
         self.concurrency = concurrency
         self.interval = 1.0 / rps if rps > 0 else 0.0
+        # Per-domain spacing asked by the site itself (robots.txt Crawl-delay), when longer.
+        self.intervals = {k: v for k, v in (intervals or {}).items() if v > self.interval}
         self.max_backoff = max_backoff
         self.default_backoff = default_backoff
         self._domains: dict[str, _Domain] = {}
@@ -115,7 +119,7 @@ class DomainLimiter:
             start = max(now, d.next_start, self.backoff_until(domain))
             if start > deadline:
                 raise DomainBusy(f"rate limit or Retry-After leaves no time ({domain})")
-            d.next_start = start + self.interval
+            d.next_start = start + self.intervals.get(domain, self.interval)
             if start > now:
                 await asyncio.sleep(start - now)
         except BaseException:

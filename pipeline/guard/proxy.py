@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,8 @@ from pipeline.guard.wire import TAG
 _PROXIED_SCHEMES = ("http", "https", "ftp", "file", "data")
 _REASON_RE = re.compile(re.escape(TAG) + r" ([a-z_]+)(?: (\S+))?")
 _URLLIB_REDIRECT_RE = re.compile(r"Redirection to url '([^']*)' is not allowed")
+
+_MAX_ARG = 64 * 1024
 
 GUARD_REASONS = ("blocked_address", "blocked_scheme", "deadline_exceeded", "body_too_large",
                  "domain_busy", "dns_error", "connect_error", "upstream_error", "bad_response",
@@ -93,6 +96,7 @@ class GuardProxy:
         self._proc: subprocess.Popen[bytes] | None = None
         self.address: tuple[str, int] | None = None
         self._events_from = 0  # the event log is appended to; this run starts here
+        self._settings_file: Any = None  # settings too long for the command line
 
     @property
     def url(self) -> str:
@@ -108,8 +112,15 @@ class GuardProxy:
         root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ)
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        settings = json.dumps(asdict(self.settings))
+        if len(settings) > _MAX_ARG:  # one argv string is capped at 128 KiB on Linux
+            self._settings_file = tempfile.NamedTemporaryFile(
+                "w", suffix=".json", prefix="guard-settings-", encoding="utf-8")
+            self._settings_file.write(settings)
+            self._settings_file.flush()
+            settings = "@" + self._settings_file.name
         cmd = [sys.executable, "-m", "pipeline.guard", "--watch-stdin",
-               "--port", str(self.port), "--settings", json.dumps(asdict(self.settings))]
+               "--port", str(self.port), "--settings", settings]
         if self.events_path is not None:
             cmd += ["--events", str(self.events_path)]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -131,6 +142,9 @@ class GuardProxy:
         return line
 
     def stop(self) -> None:
+        if self._settings_file is not None:
+            self._settings_file.close()  # deletes it
+            self._settings_file = None
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -212,13 +226,16 @@ def crawl_timeout(crawl: Any) -> int:
 
 @contextmanager
 def guarded_env(crawl: Any, env: dict[str, str], events_path: str | Path | None = None,
+                domain_intervals: dict[str, float] | None = None,
                 ) -> Iterator[dict[str, str]]:
     """``env`` routed through a running GuardProxy when ``crawl.guard`` is on (the proxy
-    lives as long as the ``with`` block); ``env`` unchanged when it is off."""
+    lives as long as the ``with`` block); ``env`` unchanged when it is off.
+    ``domain_intervals``: seconds between two requests to a host (robots.txt Crawl-delay)."""
     if not crawl.guard:
         yield env
         return
-    with GuardProxy(settings_from_crawl(crawl), events_path=events_path) as proxy:
+    settings = settings_from_crawl(crawl, domain_intervals=dict(domain_intervals or {}))
+    with GuardProxy(settings, events_path=events_path) as proxy:
         out = {k: v for k, v in env.items()
                if k.lower() not in ("no_proxy", "all_proxy") and not k.lower().endswith("_proxy")}
         out.update(proxy.env())

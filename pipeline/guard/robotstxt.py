@@ -8,7 +8,9 @@ robots.txt for Google's reading, which is the RFC's, so this small matcher follo
   ``*``, else nothing is disallowed; several groups for the same agent are merged;
 * the longest matching rule wins, ``Allow`` wins a tie; ``*`` matches any run of characters,
   a trailing ``$`` anchors the end; an empty ``Disallow:`` is no rule;
-* ``/robots.txt`` itself is always allowed; only the first 500 KiB are read.
+* ``/robots.txt`` itself is always allowed; only the first 500 KiB are read;
+* ``Crawl-delay`` (not in the RFC, honoured by Bing, Yandex and most polite crawlers) is read
+  from the same groups: :meth:`RobotsRules.crawl_delay`.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class RobotsRules:
 
     def __init__(self, text: str) -> None:
         self.groups: list[tuple[list[str], list[Rule]]] = []
+        # Crawl-delay is not in RFC 9309, but Bing, Yandex and most polite crawlers read it:
+        # seconds between two requests, per group (index into groups).
+        self.delays: dict[int, float] = {}
         agents: list[str] = []
         rules: list[Rule] = []
         in_rules = False
@@ -69,6 +74,12 @@ class RobotsRules:
                 in_rules = True
                 if value:
                     rules.append(Rule.make(key == "allow", value))
+            elif key == "crawl-delay" and agents:
+                in_rules = True
+                delay = _seconds(value)
+                if delay is not None:
+                    n = len(self.groups)  # the index this group gets when it is closed
+                    self.delays[n] = max(self.delays.get(n, 0.0), delay)
         if agents:
             self.groups.append((agents, rules))
 
@@ -78,6 +89,15 @@ class RobotsRules:
         if mine or any(token in agents for agents, _ in self.groups):
             return mine
         return [r for agents, rules in self.groups if "*" in agents for r in rules]
+
+    def crawl_delay(self, token: str) -> float | None:
+        """Seconds between requests asked of ``token`` (the groups :meth:`rules_for` uses;
+        the largest when several say), or None."""
+        token = token.strip().lower()
+        mine = [i for i, (agents, _) in enumerate(self.groups) if token in agents]
+        groups = mine or [i for i, (agents, _) in enumerate(self.groups) if "*" in agents]
+        delays = [self.delays[i] for i in groups if i in self.delays]
+        return max(delays) if delays else None
 
     def verdict(self, path: str, token: str) -> tuple[bool, Rule | None]:
         """(allowed, the deciding rule or None) for a path (with its query)."""
@@ -91,6 +111,14 @@ class RobotsRules:
                         or (len(rule.pattern) == len(best.pattern) and rule.allow)):
                     best = rule
         return (True if best is None else best.allow), best
+
+
+def _seconds(value: str) -> float | None:
+    try:
+        v = float(value)
+    except ValueError:
+        return None
+    return v if 0 <= v < float("inf") else None
 
 
 def path_of(url: str) -> str:

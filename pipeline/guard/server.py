@@ -64,6 +64,7 @@ class GuardSettings:
     check_addresses: bool = True
     per_domain_concurrency: int = 8
     per_domain_rps: float = 0.0
+    domain_intervals: dict[str, float] = field(default_factory=dict)  # host -> Crawl-delay
     max_backoff: float = 600.0
     spool_bytes: int = 1024 * 1024
     header_timeout: float = 10.0
@@ -74,7 +75,8 @@ class GuardServer:
         self.s = settings
         self.allow = parse_allow_hosts(settings.allow_hosts)
         self.limiter = DomainLimiter(settings.per_domain_concurrency, settings.per_domain_rps,
-                                     settings.max_backoff)
+                                     settings.max_backoff,
+                                     intervals=settings.domain_intervals)
         self.events = events
         self.counts: dict[str, int] = {}
 
