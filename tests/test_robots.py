@@ -138,3 +138,24 @@ def test_robots_stage_hands_crawl_delays_to_the_crawl(tmp_path: Path) -> None:
         assert crawl_delays(cfg) == {"127.0.0.1": 1.5}  # capped
         cfg.crawl.max_crawl_delay = 0
         assert crawl_delays(cfg) == {}  # 0: Crawl-delay is ignored
+
+
+def test_the_crawl_spaces_requests_to_a_host_that_asks_for_a_crawl_delay(tmp_path: Path) -> None:
+    with HostileServer(crawl_delay=0.4) as web:
+        urls = [web.base_url + p for p in ("/ok.png", "/img/a.png", "/img/b.png", "/img/c.png")]
+        y = _build(tmp_path, urls, [f"127.0.0.1:{web.port}"])
+        y.write_text(y.read_text().replace("request_deadline: 1.0", "request_deadline: 5.0, "
+                                           "processes_count: 1, thread_count: 4"))
+        cfg = load_build(y)
+        for stage in ("ingest", "text_filter", "robots"):
+            run_stage(cfg, stage)
+        report = run_stage(cfg, "crawl")
+        assert report["kept"] == 4
+        events = (kept_of(cfg, "crawl").parent.parent / "06_crawl.work").glob(
+            "attempt_*/guard.jsonl")
+        summary = [json.loads(x) for p in events for x in p.read_text().splitlines()][-1]
+        assert summary["settings"]["domain_intervals"] == 1  # the host's Crawl-delay reached it
+        images = [t for t, path in web.hit_times if path.startswith(("/ok.png", "/img/"))]
+        images.sort()
+        gaps = [b - a for a, b in zip(images, images[1:], strict=False)]
+        assert len(images) == 4 and min(gaps) >= 0.35, gaps

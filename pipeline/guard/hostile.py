@@ -71,6 +71,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         srv = self.server
         srv.hits.append(self.path)
+        srv.hit_times.append((time.monotonic(), self.path))
         url = urlsplit(self.path)
         path = url.path
         try:
@@ -148,6 +149,7 @@ class HostileServer(ThreadingHTTPServer):
         self.retry_after = retry_after
         self.png = tiny_png()
         self.hits: list[str] = []
+        self.hit_times: list[tuple[float, str]] = []  # (time.monotonic(), path) per request
         self.closing = threading.Event()
         self._thread: threading.Thread | None = None
 
