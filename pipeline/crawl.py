@@ -23,7 +23,9 @@ dropped.parquet has a short reason from :func:`classify_error` and img2dataset's
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import os
 import re
 import shutil
 import sys
@@ -211,9 +213,24 @@ def _download(ctx: StageContext, con: Any) -> dict[str, Any]:
             "images_per_s": round(fig["images"] / secs, 1) if fig["samples"] else None}
 
 
+def _check_distributor(cfg: BuildConfig) -> None:
+    """Fail before any download when the pyspark distributor cannot start: Spark needs
+    pyspark and a Java runtime (17+ for pyspark 4), and says so only deep in a worker log."""
+    if cfg.crawl.distributor != "pyspark":
+        return
+    if importlib.util.find_spec("pyspark") is None:
+        raise StageError(f"{cfg.path}: crawl.distributor: pyspark needs pyspark "
+                         "(pip install pyspark) in this Python")
+    java_home = os.environ.get("JAVA_HOME")
+    if not shutil.which("java") and not (java_home and Path(java_home, "bin", "java").exists()):
+        raise StageError(f"{cfg.path}: crawl.distributor: pyspark needs a Java runtime (17+): "
+                         "no java on PATH and JAVA_HOME unset")
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     if ctx.input_path is None:
         raise StageError("crawl needs an upstream stage (ingest at least)")
+    _check_distributor(ctx.cfg)
     con = ctx.connect()
     figures = _download(ctx, con)
     done = attempts(ctx.work_dir)
