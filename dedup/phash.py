@@ -114,14 +114,14 @@ def hash_tars(tars: Sequence[str], cache_dir: Path, workers: int = 2,
             results: Iterable[tuple[str, int]] = map(_task, todo)
             for _, n in results:
                 images += n
-                bar.set_postfix(images=images, refresh=False)
+                bar.set_postfix(images=images)
                 bar.update(1)
         else:
             # spawn: the parent may hold a DuckDB connection with threads; forking that is unsafe
             with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
                 for _, n in pool.imap_unordered(_task, todo):
                     images += n
-                    bar.set_postfix(images=images, refresh=False)
+                    bar.set_postfix(images=images)
                     bar.update(1)
         bar.close()
     return files

@@ -14,7 +14,6 @@ the manifest said) and every input column.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +55,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if ctx.input_path is None:
         raise StageError("url_dedup needs an upstream stage")
     con = ctx.connect()
-    steps = progress(total=3, desc="url_dedup: key, compare, write", unit="step", file=sys.stderr)
+    steps = progress(total=3, desc="url_dedup: key, compare, write", unit="step")
     source = f"read_parquet({_str(str(ctx.input_path))}, file_row_number = true)"
     script = (SQL_DIR / "url_dedup.sql").read_text().format(
         canonical=canonical_sql(source, ctx.cfg.url_dedup.strip_params),

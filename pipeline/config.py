@@ -18,7 +18,8 @@ import yaml
 
 # train.worker_priority: the loader workers' CPU priority (training.data.set_worker_priority);
 # auto = idle when training on the CPU, normal with a GPU
-WORKER_PRIORITY_CHOICES = ("auto", "normal", "low", "idle")
+WORKER_PRIORITIES = ("normal", "low", "idle")
+WORKER_PRIORITY_CHOICES = ("auto", *WORKER_PRIORITIES)
 
 
 class ConfigError(ValueError):

@@ -197,13 +197,14 @@ def run_attempt(cfg: BuildConfig, attempt: Attempt) -> None:
     job.write_text(json.dumps(kwargs, indent=2))
     total = attempt.rows()
     per_shard = cfg.crawl.number_sample_per_shard
+    delays = crawl_delays(cfg)  # robots.txt Crawl-delay per host, for the guard
     for _ in range(2):  # a second pass retries shards img2dataset gave up on
         # Safe crawl (issue 5): with crawl.guard, every request of the worker goes through a
         # guarding proxy on loopback (http_proxy/https_proxy in its env); see pipeline/guard.
         with guarded_env(cfg.crawl, worker_env(cfg), attempt.folder / "guard.jsonl",
-                         domain_intervals=crawl_delays(cfg)) as env, \
+                         domain_intervals=delays) as env, \
                 open(attempt.log, "ab") as log, progress(
-            total=total, desc=f"crawl attempt {attempt.number}", unit="img", file=sys.stderr,
+            total=total, desc=f"crawl attempt {attempt.number}", unit="img",
             mininterval=1.0, dynamic_ncols=True,
         ) as bar:
             counts = {"ok": 0, "failed": 0}

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,7 +254,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                     f"TO '{ctx.kept_path}' (FORMAT parquet)")
         ctx.write_empty_dropped(con)
         return {"filters": []}
-    steps = progress(total=3, desc=f"{section}: load, filter, write", unit="step", file=sys.stderr)
+    steps = progress(total=3, desc=f"{section}: load, filter, write", unit="step")
     names = pq.read_schema(ctx.input_path).names
     sandbox = open_sandbox(ctx.cfg, {"pairs": ctx.input_path}, variables_of(ctx.cfg, section),
                            columns={"pairs": columns_needed(filters, names)})

@@ -14,7 +14,6 @@ A missing file or column fails the stage, naming the file and the column.
 from __future__ import annotations
 
 import glob
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +148,7 @@ def mark_special_captions(con: duckdb.DuckDBPyConnection, repair: bool) -> int:
     if repair:
         # Web captions repeat ("Café", stock-photo titles): each distinct one is fixed once.
         fixed_of: dict[str, str] = {}
-        for i, c in enumerate(progress(texts, desc="ingest: ftfy", unit="caption", file=sys.stderr,
+        for i, c in enumerate(progress(texts, desc="ingest: ftfy", unit="caption",
                                    disable=len(texts) < 65536, mininterval=1)):
             fixed = fixed_of.get(c)
             if fixed is None:

@@ -28,7 +28,6 @@ host at least that far apart, up to ``crawl.max_crawl_delay``.
 from __future__ import annotations
 
 import json
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -181,7 +180,7 @@ def _fetch_missing(ctx: StageContext, origins: list[str], cache_path: Path,
     with GuardProxy(settings, events_path=ctx.work_dir / "guard.jsonl") as proxy, \
             open(cache_path, "a", encoding="utf-8") as out, \
             ThreadPoolExecutor(workers) as pool, \
-            progress(total=len(todo), desc="robots.txt", unit="site", file=sys.stderr,
+            progress(total=len(todo), desc="robots.txt", unit="site",
                  mininterval=1.0, dynamic_ncols=True) as bar:
         opener = proxy.opener()
         timeout = client_timeout(settings)

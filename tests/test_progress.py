@@ -31,3 +31,14 @@ def test_a_terminal_keeps_tqdm_redraws() -> None:
     for _ in progress(range(2000), file=term, mininterval=0, miniters=1):
         pass
     assert _redraws(term) > 1000
+
+
+def test_a_new_postfix_does_not_force_a_redraw_in_a_log_file() -> None:
+    log = io.StringIO()
+    bar = progress(total=500, file=log)
+    for i in range(500):
+        bar.set_postfix(loss=f"{i:.3f}")  # tqdm's default would redraw here every time
+        bar.update(1)
+    bar.close()
+    assert _redraws(log) <= 3
+    assert "loss=499.000" in log.getvalue()  # the final draw carries the latest postfix

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
+from pipeline.config import WORKER_PRIORITIES
 from training.fastpre import batch_preprocess
 from training.tarstream import is_local_tar, tar_expander
 
@@ -302,9 +303,6 @@ def make_loader(cfg: LoaderConfig, preprocess: Callable, tokenizer: Callable,
                       prefetch_factor=2 if cfg.workers > 0 else None,
                       worker_init_fn=functools.partial(set_worker_priority,
                                                        cfg.worker_priority))
-
-
-WORKER_PRIORITIES = ("normal", "low", "idle")
 
 
 def set_worker_priority(priority: str, worker_id: int = 0) -> None:

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         net, preprocess, tokenizer = load_for_inference(model, ckpt_path)
         out.mkdir(parents=True, exist_ok=True)
         results = []
-        for d in progress(zs + rt, desc="evaluate", unit="set", file=sys.stderr):
+        for d in progress(zs + rt, desc="evaluate", unit="set"):
             if d in zs:
                 r = zero_shot(net, preprocess, tokenizer, Path(d), templates)
             else:

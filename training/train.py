@@ -209,7 +209,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
         (out / "options.json").write_text(json.dumps(o.to_dict(), indent=1))
     stop = min(o.steps, o.stop_at) if o.stop_at else o.steps
     bar = progress(total=stop, initial=step, desc="train", unit="step", disable=not main_proc,
-               file=sys.stderr, dynamic_ncols=True)
+                   dynamic_ncols=True)
     global_batch = o.batch_size * o.accum_freq * world
     t_run, seen_this_run = time.time(), 0
     last_loss = float("nan")
@@ -248,7 +248,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
                    "step_s": round(time.time() - t0, 4), "skipped": sum(position.skipped.values()),
                    "batch": batch_fingerprint(keys)}
             _append(metrics_path, row)
-            bar.set_postfix(loss=f"{last_loss:.3f}", skipped=row["skipped"], refresh=False)
+            bar.set_postfix(loss=f"{last_loss:.3f}", skipped=row["skipped"])
         bar.update(1)
 
         if step % o.save_every == 0 or step == stop:

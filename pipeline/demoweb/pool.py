@@ -143,7 +143,7 @@ def render_all(cands: list[Candidate], max_side: int, font: Path,
                workers: int | None = None) -> list[tuple[Candidate, bytes, str]]:
     workers = workers or min(4, os.cpu_count() or 1)
     fn = partial(_render_one, max_side=max_side, font=font)
-    bar = progress(total=len(cands), desc="demo pool", unit="img", file=sys.stderr)
+    bar = progress(total=len(cands), desc="demo pool", unit="img")
     if workers <= 1 or len(cands) < 200:
         results = []
         for c in cands:

@@ -70,7 +70,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         srv = self.server
-        srv.hits.append(self.path)
         srv.hit_times.append((time.monotonic(), self.path))
         url = urlsplit(self.path)
         path = url.path
@@ -148,10 +147,14 @@ class HostileServer(ThreadingHTTPServer):
         self.drip_interval = drip_interval
         self.retry_after = retry_after
         self.png = tiny_png()
-        self.hits: list[str] = []
         self.hit_times: list[tuple[float, str]] = []  # (time.monotonic(), path) per request
         self.closing = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @property
+    def hits(self) -> list[str]:
+        """The path of every request, in arrival order."""
+        return [path for _, path in self.hit_times]
 
     @property
     def port(self) -> int:

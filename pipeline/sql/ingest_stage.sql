@@ -20,16 +20,16 @@ WITH cleaned AS (
         -- Only captions with a whitespace run, a tab/newline or a space at an end change.
         -- A caption outside `special` is printable ASCII, where the only whitespace is ' ':
         -- plain string tests answer for it (the regex costs ~3x them).
-        coalesce(CASE WHEN CASE WHEN special
-                                THEN regexp_matches(caption_fixed, '\s\s|[\t\n\f\r]|^\s|\s$')
-                                ELSE contains(caption_fixed, '  ') OR prefix(caption_fixed, ' ')
-                                     OR suffix(caption_fixed, ' ') END
-                      THEN trim(regexp_replace(caption_fixed, '\s+', ' ', 'g'))
-                      ELSE caption_fixed END, '') AS caption
+        CASE WHEN special THEN regexp_matches(caption_fixed, '\s\s|[\t\n\f\r]|^\s|\s$')
+             ELSE contains(caption_fixed, '  ') OR prefix(caption_fixed, ' ')
+                  OR suffix(caption_fixed, ' ') END AS spaced
     FROM cleaned
 ), trimmed AS (
-    -- a plain URL has no space to trim (trim copies every string it is given)
-    SELECT * EXCLUDE (url_raw), CASE WHEN plain THEN url_raw ELSE trim(url_raw) END AS url_t
+    SELECT * EXCLUDE (url_raw, caption_fixed, spaced),
+        -- a plain URL has no space to trim (trim copies every string it is given)
+        CASE WHEN plain THEN url_raw ELSE trim(url_raw) END AS url_t,
+        coalesce(CASE WHEN spaced THEN trim(regexp_replace(caption_fixed, '\s+', ' ', 'g'))
+                      ELSE caption_fixed END, '') AS caption
     FROM parsed
 ), split AS (
     SELECT *,
