@@ -6,18 +6,22 @@ CI runs a small version (the committed fixture pool, a few training steps); the 
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import duckdb
 import pytest
 
 from pipeline.cli import main as cli_main
-from pipeline.config import load_build
+from pipeline.config import BuildConfig, load_build
+from pipeline.crawl import image_tar
 from pipeline.demo import main as demo_main
 from pipeline.ledger import audit
 from pipeline.stage import kept_of
+from training.demo import raw_crawl_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,8 +75,12 @@ def test_demo_end_to_end_on_the_fixture(tmp_path: Path) -> None:
     # A rerun finds every stage up to date and trains nothing again.
     cfg = load_build(y)
     before = (cfg.run_dir / "11_shard" / "report.json").stat().st_mtime_ns
+    raw = cfg.run_dir / "raw_crawl_shards"
+    raw_before = (raw / "fingerprint").stat().st_mtime_ns
     assert demo_main(["--build", str(y), "--fixture-only"]) == 0
     assert (cfg.run_dir / "11_shard" / "report.json").stat().st_mtime_ns == before
+    assert (raw / "fingerprint").stat().st_mtime_ns == raw_before
+    _raw_baseline_ignores_the_order_of_the_crawl_tars(cfg)
     # A single stage of the demo build, outside `witforge demo`, serves the demo web again
     # at the manifests' address: a crawl from scratch gets the same images.
     kept = json.loads((cfg.run_dir / "06_crawl" / "report.json").read_text())["kept"]
@@ -80,6 +88,30 @@ def test_demo_end_to_end_on_the_fixture(tmp_path: Path) -> None:
     assert cli_main(["crawl", "--build", str(y), "--force"]) == 0
     report = json.loads((cfg.run_dir / "06_crawl" / "report.json").read_text())
     assert report["kept"] == kept and report["downloaded_images"] == kept
+
+
+def _shard_hashes(folder: Path) -> list[tuple[str, str]]:
+    return duckdb.sql(f"SELECT shard, sha256 FROM '{folder / 'shards.parquet'}' "
+                      "ORDER BY shard").fetchall()
+
+
+def _raw_baseline_ignores_the_order_of_the_crawl_tars(cfg: BuildConfig) -> None:
+    """The raw column trains on every crawled image, re-sharded with the build's seed, so the
+    order in which img2dataset's threads wrote a tar does not change the baseline."""
+    raw, _ = raw_crawl_shards(cfg)
+    hashes = _shard_hashes(raw)
+    crawled = duckdb.sql(f"SELECT count(*) FROM '{kept_of(cfg, 'crawl')}'").fetchall()[0][0]
+    assert sum(json.loads((raw / "sizes.json").read_text()).values()) == crawled
+    tars = duckdb.sql(f"SELECT DISTINCT tar FROM '{kept_of(cfg, 'crawl')}'").fetchall()
+    for (t,) in tars:  # the same members, written in the opposite order
+        path = image_tar(cfg, t)
+        with tarfile.open(path) as src:
+            members = [(m, src.extractfile(m).read()) for m in src.getmembers() if m.isfile()]
+        with tarfile.open(path, "w") as dst:
+            for m, data in reversed(members):
+                dst.addfile(m, io.BytesIO(data))
+    (raw / "fingerprint").unlink()
+    assert _shard_hashes(raw_crawl_shards(cfg)[0]) == hashes
 
 
 @pytest.mark.slow

@@ -7,27 +7,51 @@ printed and written to runs/<build>/eval/summary.md (+ .json).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline import shard
 from pipeline.config import BuildConfig
-from pipeline.stage import get_spec, kept_of, read_report, stage_dir
+from pipeline.stage import StageContext, StageError, get_spec, kept_of, read_report, stage_dir
 from training.evaluate import retrieval, zero_shot
 from training.model import load_for_inference
 from training.options import PRECISIONS, TrainOptions, options_from_build
 from training.train import train
 
 
-def raw_crawl_tars(cfg: BuildConfig) -> list[str]:
-    """The crawl's own webdataset tars: every image downloaded, before any curation."""
-    import duckdb
+def raw_crawl_shards(cfg: BuildConfig) -> tuple[Path, str]:
+    """Every image the crawl downloaded, uncurated, as shards written by the shard stage's own
+    writer with the build's seed; returns (folder, fingerprint).
 
-    from pipeline.crawl import image_tar
-
-    tars = duckdb.sql(f"SELECT DISTINCT tar FROM '{kept_of(cfg, 'crawl')}' ORDER BY 1").fetchall()
-    return [str(image_tar(cfg, t)) for (t,) in tars]
+    Training on the crawl's tars directly would make the baseline depend on the order in which
+    img2dataset's threads finished (and on how many attempts the crawl took), so the raw column
+    moved from one fresh crawl to the next. Through the same writer and global shuffle as the
+    curated run, curation is the only difference between the two columns.
+    """
+    crawl = read_report(stage_dir(cfg, get_spec("crawl")))
+    if crawl is None:
+        raise StageError("the crawl stage has not finished: run `witforge crawl` first")
+    settings = dataclasses.replace(cfg.shard, upsample=1)
+    fp = hashlib.sha256(json.dumps([crawl["fingerprint"], vars(settings)],
+                                   sort_keys=True).encode()).hexdigest()[:16]
+    out = cfg.run_dir / "raw_crawl_shards"
+    if (out / "fingerprint").is_file() and (out / "fingerprint").read_text() == fp:
+        return out, fp
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ctx = StageContext(cfg=dataclasses.replace(cfg, shard=settings), spec=get_spec("shard"),
+                       out_dir=tmp, input_path=kept_of(cfg, "crawl"), work_dir=tmp, options={})
+    shard.run(ctx)
+    (tmp / "fingerprint").write_text(fp)
+    shutil.rmtree(out, ignore_errors=True)  # a half-written folder is never renamed into place
+    tmp.rename(out)
+    return out, fp
 
 
 def options_for(cfg: BuildConfig, data: list[str], out: Path) -> TrainOptions:
@@ -90,20 +114,20 @@ def _rows(results: dict[str, list[dict[str, Any]]]) -> list[tuple[str, str, str,
 
 def train_and_evaluate(cfg: BuildConfig, data_dir: Path | None = None) -> dict[str, Any]:
     """Curated vs raw at equal samples seen; returns and writes the comparison."""
+    raw, raw_fp = raw_crawl_shards(cfg)
+    shards = stage_dir(cfg, get_spec("shard"))
+    curated_report = read_report(shards)
+    # each run's data and its fingerprint, which says when to train again
     runs = {
-        "curated": [str(stage_dir(cfg, get_spec("shard")))],
-        "raw_crawl": raw_crawl_tars(cfg),
+        "curated": ([str(shards)], curated_report["fingerprint"] if curated_report else ""),
+        "raw_crawl": ([str(raw)], raw_fp),
     }
-    # The stage whose output each run trains on: its fingerprint says when to train again.
-    data_stage = {"curated": "shard", "raw_crawl": "crawl"}
     results: dict[str, list[dict[str, Any]]] = {}
     summaries: dict[str, dict[str, Any]] = {}
-    for name, data in runs.items():
+    for name, (data, fp) in runs.items():
         out = cfg.run_dir / ("train" if name == "curated" else f"train_{name}")
         print(f"\n[train] {name}: {cfg.train.model}, {cfg.train.steps} steps x batch "
-              f"{cfg.train.batch_size} on {len(data)} source(s)", file=sys.stderr)
-        report = read_report(stage_dir(cfg, get_spec(data_stage[name])))
-        fp = report["fingerprint"] if report else ""
+              f"{cfg.train.batch_size} on {data[0]}", file=sys.stderr)
         summaries[name] = _train_once(options_for(cfg, data, out), fp)
         results[name] = _evaluate(cfg, out / "model.pt", cfg.run_dir / "eval" / name)
     header = ("eval set", "metric", "chance", *runs)
