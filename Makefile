@@ -15,11 +15,11 @@ export HF_HUB_OFFLINE := 1
 STAGES := ingest text_filter url_dedup precrawl_balance robots crawl image_filter image_dedup \
           decontaminate balance shard
 
-.PHONY: help venv demo demo-data test test-slow bench lint audit run train evaluate clean $(STAGES)
+.PHONY: help venv demo demo-data test test-slow bench lint audit status run train evaluate clean $(STAGES)
 
 help:
 	@sed -n '1,5p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "stage targets: $(STAGES) run train evaluate audit; bench lint clean"
+	@echo "stage targets: $(STAGES) run status train evaluate audit; bench lint clean"
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,7 +52,7 @@ lint: $(STAMP)
 $(STAGES): $(STAMP)
 	$(WF) $@ --build $(BUILD) $(ARGS)
 
-run audit train evaluate: $(STAMP)
+run status audit train evaluate: $(STAMP)
 	$(WF) $@ --build $(BUILD) $(ARGS)
 
 clean:

@@ -1,4 +1,4 @@
-"""`witforge`: one subcommand per stage, plus run, audit, explain and the tools.
+"""`witforge`: one subcommand per stage, plus run, status, audit, explain and the tools.
 
 Library code raises; this module is the only place that turns errors into
 messages and exit codes.
@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 
+from pipeline import status
 from pipeline.config import BuildConfig, ConfigError, load_build
 from pipeline.stage import STAGES, StageError, enabled_stages, run_stage
 
@@ -58,16 +59,24 @@ def _parser() -> argparse.ArgumentParser:
         if spec.name == "crawl":
             sp.add_argument("--retry-failed", action="store_true",
                             help="download again only the samples that failed last time")
-    rp = sub.add_parser("run", help="run every enabled stage in order (skips finished ones)")
-    rp.add_argument("--build", required=True)
+    build_help = "the build YAML, e.g. manifests/demo.yaml"
+    rp = sub.add_parser("run", help="run every enabled stage in order (skips finished ones)",
+                        description="Run every enabled stage in order, skipping the ones whose "
+                        "inputs, settings and code are unchanged, then print the funnel. "
+                        "`witforge status` shows beforehand which stages would run and why.")
+    rp.add_argument("--build", required=True, help=build_help)
     rp.add_argument("--until", choices=[s.name for s in STAGES], help="stop after this stage")
-    rp.add_argument("--force", action="store_true")
+    rp.add_argument("--force", action="store_true",
+                    help="run every stage again, even the up-to-date ones")
+    st = sub.add_parser("status", help="which stages are up to date, which would run, and why",
+                        description=status.__doc__.split("\n\n")[0] if status.__doc__ else "")
+    status.add_arguments(st)
     ap = sub.add_parser("audit", help="check rows in = kept + dropped for every stage; "
                         "print the funnel")
-    ap.add_argument("--build", required=True)
+    ap.add_argument("--build", required=True, help=build_help)
     ep = sub.add_parser("explain", help="show one pair's path through the build")
     ep.add_argument("key", help="a uid, or a URL")
-    ep.add_argument("--build", required=True)
+    ep.add_argument("--build", required=True, help=build_help)
     for name, (_, help_text) in TOOLS.items():
         tp = sub.add_parser(name, help=help_text, add_help=False)
         tp.add_argument("args", nargs=argparse.REMAINDER)
@@ -92,11 +101,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_build(args.build)
+        if cfg.demo_web:
+            from pipeline.demo import apply_demo_settings
+
+            apply_demo_settings(cfg)
         if args.command == "audit":
             from pipeline import ledger
 
             ok = ledger.print_audit(cfg)
             return 0 if ok else 1
+        if args.command == "status":
+            ok = status.print_status(cfg)
+            return 1 if args.check and not ok else 0
         if args.command == "explain":
             from pipeline import ledger
 
@@ -120,14 +136,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run_stages(cfg: BuildConfig, args: argparse.Namespace) -> int:
     if args.command == "run":
         for spec in enabled_stages(cfg):
-            run_stage(cfg, spec.name, force=args.force)
+            run_stage(cfg, spec.name, force=args.force, explain=status.changes)
             if spec.name == args.until:
                 break
         from pipeline import ledger
 
         return 0 if ledger.print_audit(cfg) else 1
     options = {"retry_failed": getattr(args, "retry_failed", False)}
-    run_stage(cfg, args.command, force=args.force, options=options)
+    run_stage(cfg, args.command, force=args.force, options=options, explain=status.changes)
     return 0
 
 

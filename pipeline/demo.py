@@ -17,10 +17,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pipeline.config import BuildConfig, load_build
 from pipeline.ledger import print_audit
 from pipeline.stage import STAGE_NAMES, StageError, enabled_stages, run_stage
+from pipeline.status import changes
 
 # A fixed preferred port keeps the manifests (and so every stage's fingerprint) stable
 # between runs; a busy port falls back to a free one and the manifests follow.
@@ -52,6 +54,26 @@ def data_dir_for(cfg: BuildConfig) -> Path:
     return cfg.resolve(cfg.sources[0].path).parent.parent
 
 
+def drop_missing_eval_sets(cfg: BuildConfig) -> None:
+    """Leave out the eval sets that could not be made here (no Fashion-MNIST package): in
+    `witforge demo` and in every other command on a demo build alike, so `witforge status` or
+    `witforge run` sees the build the demo ran."""
+    have = lambda p: (cfg.resolve(p) / "test").is_dir()  # noqa: E731
+    cfg.decontaminate.eval_sets = [p for p in cfg.decontaminate.eval_sets if have(p)]
+    cfg.eval.zeroshot = [p for p in cfg.eval.zeroshot if have(p)]
+    cfg.eval.retrieval = [p for p in cfg.eval.retrieval if have(p)]
+
+
+def apply_demo_settings(cfg: BuildConfig) -> None:
+    """The settings `witforge demo` runs a demo build with, for every other command on it
+    (`witforge status`, `run`, one stage): the same eval sets, and the crawl guard open to the
+    demo web's recorded address, so their fingerprints match the demo's."""
+    drop_missing_eval_sets(cfg)
+    info = data_dir_for(cfg) / "manifests" / "web.json"
+    if info.is_file():
+        cfg.crawl.allow_hosts = [urlsplit(json.loads(info.read_text())["base_url"]).netloc]
+
+
 def prepare_side_data(cfg: BuildConfig, pool_dir: Path, data_dir: Path) -> None:
     """Eval sets (held out from the web) and the balance metadata, made once."""
     from pipeline import metadata
@@ -61,11 +83,7 @@ def prepare_side_data(cfg: BuildConfig, pool_dir: Path, data_dir: Path) -> None:
     if not (eval_dir / "missing.json").exists():
         made = write_demo_eval_sets(pool_dir, eval_dir)
         print(f"demo eval sets: {', '.join(made) or 'none'} in {eval_dir}")
-    # Sets that could not be made here (no Fashion-MNIST package) are left out of this run.
-    have = lambda p: (cfg.resolve(p) / "test").is_dir()  # noqa: E731
-    cfg.decontaminate.eval_sets = [p for p in cfg.decontaminate.eval_sets if have(p)]
-    cfg.eval.zeroshot = [p for p in cfg.eval.zeroshot if have(p)]
-    cfg.eval.retrieval = [p for p in cfg.eval.retrieval if have(p)]
+    drop_missing_eval_sets(cfg)
     if cfg.balance.enabled and cfg.balance.metadata:
         meta = cfg.resolve(cfg.balance.metadata)
         if not meta.exists():
@@ -120,7 +138,7 @@ def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True,
         # The demo web is on loopback: let exactly its host:port through the crawl guard.
         cfg.crawl.allow_hosts = [web.host_port]
         for spec in enabled_stages(cfg):
-            run_stage(cfg, spec.name)
+            run_stage(cfg, spec.name, explain=changes)
             if spec.name == until:
                 break
     ok = print_audit(cfg)

@@ -27,6 +27,9 @@ import duckdb
 
 from pipeline.config import BuildConfig
 
+# (old report, today's stage_inputs, upstream spec) -> what changed, in words
+Explain = Callable[[dict[str, Any], dict[str, Any], "StageSpec | None"], list[str]]
+
 DROPPED_COLUMNS = "uid VARCHAR, stage VARCHAR, reason VARCHAR, detail VARCHAR"
 
 
@@ -184,14 +187,25 @@ def code_files(module: str) -> list[Path]:
     return sorted(files)
 
 
-def _code_hash(module: str) -> str:
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _code_hashes(module: str) -> tuple[str, dict[str, str]]:
+    """(one hash of all the stage's code files, each file's own hash by its repo path)."""
     h = hashlib.sha256()
+    per_file = {}
     for path in code_files(module):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:16]
+        data = path.read_bytes()
+        h.update(path.name.encode() + b"\0" + data)
+        name = str(path.relative_to(_ROOT)) if path.is_relative_to(_ROOT) else path.name
+        per_file[name] = hashlib.sha256(data).hexdigest()[:16]
+    return h.hexdigest()[:16], per_file
 
 
-def fingerprint(cfg: BuildConfig, spec: StageSpec, upstream: str) -> str:
+def stage_inputs(cfg: BuildConfig, spec: StageSpec, upstream: str) -> dict[str, Any]:
+    """Everything a stage's output depends on: the config sections it reads, the upstream
+    stage's fingerprint, its code, and what its module adds (input files, filter files).
+    Recorded in report.json, so `witforge status` can say what changed."""
     settings = {}
     for key in spec.settings:
         value = getattr(cfg, key)
@@ -200,11 +214,16 @@ def fingerprint(cfg: BuildConfig, spec: StageSpec, upstream: str) -> str:
     mod = importlib.import_module(spec.module)
     if hasattr(mod, "fingerprint_inputs"):
         extra = mod.fingerprint_inputs(cfg, spec)
-    blob = json.dumps(
-        {"stage": spec.name, "settings": settings, "upstream": upstream,
-         "code": _code_hash(spec.module), "extra": extra},
-        sort_keys=True, default=str,
-    )
+    code, code_files_ = _code_hashes(spec.module)
+    inputs = {"stage": spec.name, "settings": settings, "upstream": upstream, "code": code,
+              "extra": extra, "code_files": code_files_}
+    return json.loads(json.dumps(inputs, default=str))  # as report.json will hold it
+
+
+def fingerprint_of(inputs: dict[str, Any]) -> str:
+    # code_files only explains a change; the one code hash already covers it
+    blob = json.dumps({k: v for k, v in inputs.items() if k != "code_files"},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -214,8 +233,11 @@ def _count(con: duckdb.DuckDBPyConnection, path: Path) -> int:
 
 def run_stage(cfg: BuildConfig, name: str, force: bool = False,
               options: dict[str, Any] | None = None,
-              log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run one stage (its upstream must be done); skip it when inputs and settings match."""
+              log: Callable[[str], None] = print,
+              explain: Explain | None = None) -> dict[str, Any]:
+    """Run one stage (its upstream must be done); skip it when inputs and settings match.
+    ``explain`` (``pipeline.status.changes``) words why a finished stage runs again; it is
+    passed in, not imported, so the wording is not part of every stage's code fingerprint."""
     spec = get_spec(name)
     if not spec.enabled(cfg):
         raise StageError(f"stage {name} is disabled in {cfg.path}")
@@ -231,7 +253,8 @@ def run_stage(cfg: BuildConfig, name: str, force: bool = False,
             )
         upstream_fp = prev_report["fingerprint"]
         input_path = stage_dir(cfg, prev) / "kept.parquet"
-    fp = fingerprint(cfg, spec, upstream_fp)
+    inputs = stage_inputs(cfg, spec, upstream_fp)
+    fp = fingerprint_of(inputs)
     final = stage_dir(cfg, spec)
     existing = read_report(final)
     if existing and existing.get("fingerprint") == fp and not force and not (options or {}).get(
@@ -240,6 +263,8 @@ def run_stage(cfg: BuildConfig, name: str, force: bool = False,
         log(f"[{spec.folder}] up to date, skipped ({existing['kept']:,} kept)")
         existing["skipped"] = True
         return existing
+    if existing and existing.get("fingerprint") != fp and explain is not None:
+        log(f"[{spec.folder}] runs again: " + "; ".join(explain(existing, inputs, prev)))
 
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     for stale in cfg.run_dir.glob(f".{spec.folder}.tmp-*"):
@@ -253,6 +278,7 @@ def run_stage(cfg: BuildConfig, name: str, force: bool = False,
         mod = importlib.import_module(spec.module)
         extra = mod.run(ctx) or {}
         report = _finish_report(ctx, extra, time.time() - started, fp, prev)
+        report["inputs"] = inputs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

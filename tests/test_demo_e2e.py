@@ -80,6 +80,7 @@ def test_demo_end_to_end_on_the_fixture(tmp_path: Path) -> None:
     assert demo_main(["--build", str(y), "--fixture-only"]) == 0
     assert (cfg.run_dir / "11_shard" / "report.json").stat().st_mtime_ns == before
     assert (raw / "fingerprint").stat().st_mtime_ns == raw_before
+    assert cli_main(["status", "--build", str(y), "--check"]) == 0  # nothing left to run
     _raw_baseline_ignores_the_order_of_the_crawl_tars(cfg)
     # A single stage of the demo build, outside `witforge demo`, serves the demo web again
     # at the manifests' address: a crawl from scratch gets the same images.
