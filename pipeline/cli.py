@@ -12,9 +12,11 @@ import importlib
 import os
 import sys
 
+import duckdb
+
 from pipeline import status
 from pipeline.config import BuildConfig, ConfigError, load_build
-from pipeline.stage import STAGES, StageError, enabled_stages, run_stage
+from pipeline.stage import STAGES, StageError, disk_full, enabled_stages, run_stage
 
 # Commands that own their argument parsing: name -> (module with main(argv), one-line help).
 TOOLS: dict[str, tuple[str, str]] = {
@@ -88,49 +90,55 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in TOOLS:
-        module = importlib.import_module(TOOLS[argv[0]][0])
-        try:
-            return int(module.main(argv[1:]) or 0)
-        except (ConfigError, StageError) as e:
-            print(f"witforge {argv[0]}: error: {e}", file=sys.stderr)
-            return 2
+    command = argv[0] if argv else ""
+    try:
+        if command in TOOLS:
+            return int(importlib.import_module(TOOLS[command][0]).main(argv[1:]) or 0)
+        return _command(argv)
+    except (ConfigError, StageError) as e:
+        print(f"witforge {command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"witforge {command}: interrupted; nothing half-written was kept, "
+              "rerun to continue", file=sys.stderr)
+        return 130
+    except (OSError, duckdb.IOException) as e:
+        if not disk_full(e):
+            raise
+        where = f" writing {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"witforge {command}: error: no space left on device{where} ({e}); nothing "
+              "half-written was kept: free some space and rerun", file=sys.stderr)
+        return 2
+
+
+def _command(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if not args.command:
         _parser().print_help()
         return 0
-    try:
-        cfg = load_build(args.build)
-        if cfg.demo_web:
-            from pipeline.demo import apply_demo_settings
+    cfg = load_build(args.build)
+    if cfg.demo_web:
+        from pipeline.demo import apply_demo_settings
 
-            apply_demo_settings(cfg)
-        if args.command == "audit":
-            from pipeline import ledger
+        apply_demo_settings(cfg)
+    if args.command == "audit":
+        from pipeline import ledger
 
-            ok = ledger.print_audit(cfg)
-            return 0 if ok else 1
-        if args.command == "status":
-            ok = status.print_status(cfg)
-            return 1 if args.check and not ok else 0
-        if args.command == "explain":
-            from pipeline import ledger
+        return 0 if ledger.print_audit(cfg) else 1
+    if args.command == "status":
+        ok = status.print_status(cfg)
+        return 1 if args.check and not ok else 0
+    if args.command == "explain":
+        from pipeline import ledger
 
-            return 0 if ledger.print_explain(cfg, args.key) else 1
-        web = contextlib.nullcontext()
-        if cfg.demo_web and args.command in ("run", "robots", "crawl"):
-            from pipeline.demo import serving_demo_web
+        return 0 if ledger.print_explain(cfg, args.key) else 1
+    web = contextlib.nullcontext()
+    if cfg.demo_web and args.command in ("run", "robots", "crawl"):
+        from pipeline.demo import serving_demo_web
 
-            web = serving_demo_web(cfg)  # the demo build's URLs live on the local demo web
-        with web:
-            return _run_stages(cfg, args)
-    except (ConfigError, StageError) as e:
-        print(f"witforge {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"witforge {args.command}: interrupted; nothing half-written was kept, "
-              "rerun to continue", file=sys.stderr)
-        return 130
+        web = serving_demo_web(cfg)  # the demo build's URLs live on the local demo web
+    with web:
+        return _run_stages(cfg, args)
 
 
 def _run_stages(cfg: BuildConfig, args: argparse.Namespace) -> int:

@@ -72,6 +72,11 @@ class BalanceConfig:
     workers: int = 0  # matching processes for the ahocorasick method; 0 = CPU count
 
 
+# Settings that change how a stage runs, never what it writes: left out of its fingerprint,
+# so changing one reruns nothing.
+RUN_ONLY_SETTINGS: dict[str, tuple[str, ...]] = {"crawl": ("min_free_mb",)}
+
+
 @dataclass
 class CrawlConfig:
     image_size: int = 256
@@ -101,6 +106,7 @@ class CrawlConfig:
     per_domain_concurrency: int = 8
     per_domain_rps: float = 0.0  # 0 = unlimited
     max_crawl_delay: float = 10.0  # honour robots.txt Crawl-delay up to this (s); 0 = ignore
+    min_free_mb: float = 256  # stop the crawl, resumable, before its disk fills; 0 = no check
 
 
 @dataclass
@@ -325,6 +331,8 @@ def _validate(cfg: BuildConfig) -> None:
             fail(f"crawl.{key}", "must be positive")
     if not cfg.crawl.per_domain_rps >= 0:
         fail("crawl.per_domain_rps", "must be >= 0 (0 = unlimited)")
+    if cfg.crawl.min_free_mb < 0:
+        fail("crawl.min_free_mb", "must be >= 0 MB (0 = no free-space check)")
     if not 0 <= cfg.crawl.max_crawl_delay < float("inf"):
         fail("crawl.max_crawl_delay", "must be >= 0 seconds (0 = ignore Crawl-delay)")
     for i, entry in enumerate(cfg.crawl.allow_hosts):

@@ -36,6 +36,7 @@ from typing import Any
 from pipeline.config import BuildConfig
 from pipeline.crawl_attempt import (
     Attempt,
+    check_free_space,
     clean_partial_shards,
     hash_images,
     run_attempt,
@@ -231,6 +232,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if ctx.input_path is None:
         raise StageError("crawl needs an upstream stage (ingest at least)")
     _check_distributor(ctx.cfg)
+    check_free_space(ctx.cfg, ctx.cfg.run_dir)
     con = ctx.connect()
     figures = _download(ctx, con)
     done = attempts(ctx.work_dir)

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +168,24 @@ def clean_partial_shards(attempt: Attempt) -> int:
     return len(removed)
 
 
+def check_free_space(cfg: BuildConfig, folder: Path) -> None:
+    """Refuse to go on below ``crawl.min_free_mb`` free on the crawl's disk.
+
+    On a full disk img2dataset's writers fail sample by sample and its pool can stall without
+    exiting; stopping before that leaves finished shards to resume from (a half-written shard
+    fails ``_shard_ok`` and is downloaded again), and says what happened."""
+    floor = cfg.crawl.min_free_mb
+    if floor <= 0:
+        return
+    free = shutil.disk_usage(folder).free
+    if free < floor * 2**20:
+        raise StageError(
+            f"crawl: {free / 2**20:,.1f} MB free on the disk holding {folder}, under "
+            f"crawl.min_free_mb ({floor:g} MB) in {cfg.path}; the crawl stopped before the disk "
+            "filled. Free some space (or point runs_dir at a larger disk) and rerun: it "
+            "resumes from its finished shards")
+
+
 def _stop_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -218,6 +237,7 @@ def run_attempt(cfg: BuildConfig, attempt: Attempt) -> None:
             try:
                 while proc.poll() is None:
                     _progress(attempt, bar, seen, counts)
+                    check_free_space(cfg, attempt.folder)
                     time.sleep(0.25)
             except BaseException:
                 _stop_group(proc)

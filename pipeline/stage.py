@@ -11,6 +11,7 @@ interrupted stage leaves nothing half-written.
 from __future__ import annotations
 
 import ast
+import errno
 import hashlib
 import importlib
 import importlib.util
@@ -25,7 +26,7 @@ from typing import Any
 
 import duckdb
 
-from pipeline.config import BuildConfig
+from pipeline.config import RUN_ONLY_SETTINGS, BuildConfig
 
 # (old report, today's stage_inputs, upstream spec) -> what changed, in words
 Explain = Callable[[dict[str, Any], dict[str, Any], "StageSpec | None"], list[str]]
@@ -209,7 +210,11 @@ def stage_inputs(cfg: BuildConfig, spec: StageSpec, upstream: str) -> dict[str, 
     settings = {}
     for key in spec.settings:
         value = getattr(cfg, key)
-        settings[key] = [vars(v) for v in value] if isinstance(value, list) else vars(value)
+        if isinstance(value, list):
+            settings[key] = [vars(v) for v in value]
+        else:
+            skip = RUN_ONLY_SETTINGS.get(key, ())
+            settings[key] = {k: v for k, v in vars(value).items() if k not in skip}
     extra = {}
     mod = importlib.import_module(spec.module)
     if hasattr(mod, "fingerprint_inputs"):
@@ -267,7 +272,8 @@ def run_stage(cfg: BuildConfig, name: str, force: bool = False,
         log(f"[{spec.folder}] runs again: " + "; ".join(explain(existing, inputs, prev)))
 
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in cfg.run_dir.glob(f".{spec.folder}.tmp-*"):
+    for stale in [*cfg.run_dir.glob(f".{spec.folder}.tmp-*"),
+                  *cfg.run_dir.glob(f".{spec.folder}.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     tmp = cfg.run_dir / f".{spec.folder}.tmp-{os.getpid()}"
     tmp.mkdir()
@@ -279,11 +285,16 @@ def run_stage(cfg: BuildConfig, name: str, force: bool = False,
         extra = mod.run(ctx) or {}
         report = _finish_report(ctx, extra, time.time() - started, fp, prev)
         report["inputs"] = inputs
-    except BaseException:
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        (tmp / "_SUCCESS").write_text("")
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(e):
+            free = shutil.disk_usage(cfg.run_dir).free / 2**20
+            raise StageError(
+                f"stage {name}: no space left on the disk holding {cfg.run_dir} ({free:,.1f} MB "
+                "free now); nothing half-written was kept: free some space and rerun") from e
         raise
-    (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (tmp / "_SUCCESS").write_text("")
     if final.exists():
         old = cfg.run_dir / f".{spec.folder}.old-{os.getpid()}"
         final.rename(old)
@@ -293,6 +304,13 @@ def run_stage(cfg: BuildConfig, name: str, force: bool = False,
         tmp.rename(final)
     log(_summary_line(spec, report))
     return report
+
+
+def disk_full(e: BaseException) -> bool:
+    """An OSError ENOSPC, or DuckDB's IO error wrapping one."""
+    return (getattr(e, "errno", None) == errno.ENOSPC
+            or (isinstance(e, (OSError, duckdb.IOException))
+                and "No space left on device" in str(e)))
 
 
 def _finish_report(ctx: StageContext, extra: dict[str, Any], seconds: float, fp: str,

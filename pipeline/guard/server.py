@@ -115,6 +115,10 @@ class GuardServer:
             await self._refuse(writer, r, target)
         except (ConnectionError, TimeoutError):
             pass  # the client went away; nothing to tell it
+        except asyncio.CancelledError:
+            # the guard is stopping with requests in flight (the crawl was stopped): end them
+            # quietly; Python 3.11's stream server would log each cancelled one as an error
+            pass
         except Exception as e:  # a bug here must still end the request with a reason
             r = Refused(502, "guard_error", f"{type(e).__name__}: {e}")
             self._event(r.reason, target, r.detail)
