@@ -74,3 +74,21 @@ def test_a_stage_that_fills_its_disk_keeps_nothing_and_a_rerun_finishes(tmp_path
     left, _, rerun = after.partition("[01_ingest]")
     assert left.split() == []  # no stage folder, no temp folder
     assert "2,000 in → 2,000 kept" in rerun and "01_ingest" in rerun.split()
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_no_partial_file(tmp_path: Path) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save = ("import torch; from pathlib import Path; from training.checkpoint import save_atomic\n"
+            "try:\n"
+            f"    save_atomic({{'w': torch.zeros(100_000)}}, Path('{folder}') / 'step_1.pt')\n"
+            "except OSError as e:\n"
+            "    print('errno', e.errno)\n")
+    script = tmp_path / "save.py"
+    script.write_text(save)
+    out = _in_namespace(f"mount -t tmpfs -o size=64k tmpfs {folder} && "
+                        f"{sys.executable} {script} && ls -A {folder}")
+    if "mount:" in out.stderr:
+        pytest.skip(f"no private mount namespace here: {out.stderr.strip()}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["errno", "28"]  # the error, and nothing left in the folder

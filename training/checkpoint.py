@@ -9,6 +9,7 @@ strings, lists and dicts go in, so ``torch.load(weights_only=True)`` accepts it.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -24,11 +25,19 @@ def save_atomic(obj: dict[str, Any], path: Path) -> None:
     at any moment leaves either the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # a full disk must not also keep half a checkpoint
+        # torch reports a full disk as "RuntimeError: ... unexpected pos", the ENOSPC behind it
+        if not isinstance(e, OSError) and getattr(e.__context__, "errno", 0) == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, "No space left on device writing a checkpoint",
+                          str(path)) from e
+        raise
 
 
 def checkpoints(folder: Path) -> list[tuple[int, Path]]:
