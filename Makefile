@@ -2,6 +2,7 @@
 #   make demo                 the whole demo build end to end (local demo web of real images)
 #   make test                 the test suite (what CI runs)
 #   make <stage> BUILD=manifests/<name>.yaml   one stage of a build
+#   make status  BUILD=manifests/<name>.yaml   which stages would run next, and why
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
