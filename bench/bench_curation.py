@@ -134,8 +134,10 @@ print("RESULT " + json.dumps(_measure({mode!r}, {str(manifest)!r}, {str(work)!r}
                          check=False, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
     if out.returncode:
         raise RuntimeError(f"bench child {mode} failed:\n{out.stderr[-3000:]}")
-    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    if "RESULT " not in out.stdout:
+        raise RuntimeError(f"bench child {mode} printed no RESULT:\n{out.stdout[-3000:]}")
+    line = out.stdout[out.stdout.rindex("RESULT ") + len("RESULT "):].splitlines()[0]
+    return json.loads(line)
 
 
 def _cpu() -> float:
@@ -169,7 +171,8 @@ def _measure(mode: str, manifest: str, work: str, filters: list[str]) -> dict:
     result: dict = {}
     if mode == "peer":
         con = duckdb.connect()
-        con.execute(f"SET memory_limit='4GB'; SET temp_directory='{w / 'spill'}'")
+        con.execute(f"SET memory_limit='4GB'; SET temp_directory='{w / 'spill'}'; "
+                    "SET enable_progress_bar = false")
         result["kept"] = con.execute(PEER_SQL.format(path=manifest)).fetchall()[0][0]
     else:
         from pipeline.config import load_build

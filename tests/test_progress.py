@@ -42,3 +42,16 @@ def test_a_new_postfix_does_not_force_a_redraw_in_a_log_file() -> None:
     bar.close()
     assert _redraws(log) <= 3
     assert "loss=499.000" in log.getvalue()  # the final draw carries the latest postfix
+
+
+def test_stage_connections_leave_progress_to_witforge(tmp_path) -> None:
+    """DuckDB's own bar writes to stdout, a line per update outside a terminal (191 lines in
+    one 10M-row curation run), between the stage summaries: stage connections turn it off."""
+    from pipeline.config import load_build
+    from pipeline.stage import connect
+
+    (tmp_path / "m.csv").write_text("url,caption\n")
+    y = tmp_path / "b.yaml"
+    y.write_text(f"name: t\nruns_dir: {tmp_path / 'runs'}\nsources:\n  - path: m.csv\n")
+    con = connect(load_build(y))
+    assert con.execute("SELECT current_setting('enable_progress_bar')").fetchall() == [(False,)]
