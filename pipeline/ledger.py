@@ -11,10 +11,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import duckdb
-
 from pipeline.config import BuildConfig
-from pipeline.stage import enabled_stages, read_report, stage_dir
+from pipeline.stage import connect, enabled_stages, read_report, stage_dir
 
 
 @dataclass
@@ -37,7 +35,7 @@ def _q(path: Path) -> str:
 
 def audit(cfg: BuildConfig) -> list[StageAudit]:
     """Check every finished stage of the build; unfinished stages are not listed."""
-    con = duckdb.connect()
+    con = connect(cfg)
     results: list[StageAudit] = []
     prev_kept: Path | None = None
     prev_count: int | None = None
@@ -114,7 +112,7 @@ def _normalize_url(url: str) -> str:
 
 def explain(cfg: BuildConfig, key: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
     """For each uid matching ``key`` (a uid or URL): [(stage, outcome, detail), ...]."""
-    con = duckdb.connect()
+    con = connect(cfg)
     stages = [(s, stage_dir(cfg, s)) for s in enabled_stages(cfg)]
     stages = [(s, d) for s, d in stages if read_report(d) is not None]
     if not stages:

@@ -318,7 +318,7 @@ def disk_full(e: BaseException) -> bool:
 
 def _finish_report(ctx: StageContext, extra: dict[str, Any], seconds: float, fp: str,
                    prev: StageSpec | None) -> dict[str, Any]:
-    con = duckdb.connect()
+    con = ctx.connect()
     if not ctx.kept_path.exists() or not ctx.dropped_path.exists():
         raise StageError(f"stage {ctx.spec.name} wrote no kept.parquet/dropped.parquet")
     kept = _count(con, ctx.kept_path)
