@@ -74,7 +74,7 @@ class BalanceConfig:
 
 # Settings that change how a stage runs, never what it writes: left out of its fingerprint,
 # so changing one reruns nothing.
-RUN_ONLY_SETTINGS: dict[str, tuple[str, ...]] = {"crawl": ("min_free_mb",)}
+RUN_ONLY_SETTINGS: dict[str, tuple[str, ...]] = {"crawl": ("min_free_mb", "stall_minutes")}
 
 
 @dataclass
@@ -107,6 +107,7 @@ class CrawlConfig:
     per_domain_rps: float = 0.0  # 0 = unlimited
     max_crawl_delay: float = 10.0  # honour robots.txt Crawl-delay up to this (s); 0 = ignore
     min_free_mb: float = 256  # stop the crawl, resumable, before its disk fills; 0 = no check
+    stall_minutes: float = 30  # stop a crawl that writes nothing this long; 0 = wait forever
 
 
 @dataclass
@@ -331,6 +332,8 @@ def _validate(cfg: BuildConfig) -> None:
             fail(f"crawl.{key}", "must be positive")
     if not cfg.crawl.per_domain_rps >= 0:
         fail("crawl.per_domain_rps", "must be >= 0 (0 = unlimited)")
+    if cfg.crawl.stall_minutes < 0:
+        fail("crawl.stall_minutes", "must be >= 0 minutes (0 = no stall check)")
     if cfg.crawl.min_free_mb < 0:
         fail("crawl.min_free_mb", "must be >= 0 MB (0 = no free-space check)")
     if not 0 <= cfg.crawl.max_crawl_delay < float("inf"):

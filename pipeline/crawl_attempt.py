@@ -186,6 +186,59 @@ def check_free_space(cfg: BuildConfig, folder: Path) -> None:
             "resumes from its finished shards")
 
 
+def silent_bound(cfg: BuildConfig) -> float:
+    """The longest a live crawl can write nothing: a shard whose URLs all time out. Failures
+    go to img2dataset's parquet only when the shard closes; the tar gets successes only."""
+    c = cfg.crawl
+    # behind the guard every request ends within its deadline (it answers deadline_exceeded,
+    # or domain_busy when it cannot get a turn); alone, img2dataset's own timeout bounds it
+    per_request = c.request_deadline if c.guard else c.timeout
+    return math.ceil(c.number_sample_per_shard / c.thread_count) * per_request
+
+
+class StallWatch:
+    """Stops a crawl whose img2dataset output stops growing for ``crawl.stall_minutes``.
+
+    When one of img2dataset's download processes dies mid-shard (the OOM killer, a crash in
+    a decoder), ``multiprocessing.Pool.imap_unordered`` waits forever for its result: the
+    other processes finish their shards and the crawl hangs (seen here: a SIGKILL to the
+    pool's processes, and the stage was still waiting 90 s later)."""
+
+    def __init__(self, cfg: BuildConfig, attempt: Attempt) -> None:
+        self.cfg, self.attempt = cfg, attempt
+        self.limit = cfg.crawl.stall_minutes * 60
+        self.every = min(5.0, self.limit / 4)
+        self.seen: tuple[int, int] | None = None
+        self.since = self.next = time.monotonic()
+
+    def _activity(self) -> tuple[int, int]:
+        files = size = 0
+        for root, _, names in os.walk(self.attempt.images):
+            for name in names:
+                try:
+                    size += os.stat(os.path.join(root, name)).st_size
+                    files += 1
+                except OSError:
+                    pass  # img2dataset renames and removes its temp files
+        return files, size
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if self.limit <= 0 or now < self.next:
+            return
+        self.next = now + self.every
+        activity = self._activity()
+        if activity != self.seen:
+            self.seen, self.since = activity, now
+        elif now - self.since >= self.limit:
+            raise StageError(
+                f"crawl: img2dataset wrote nothing to {self.attempt.images} for "
+                f"{self.limit / 60:g} min (crawl.stall_minutes in {self.cfg.path}). One of its "
+                "download processes has probably died (the OOM killer?) and its pool then "
+                f"waits forever; see {self.attempt.log}. Rerun: the crawl resumes from its "
+                "finished shards")
+
+
 def _stop_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -234,10 +287,12 @@ def run_attempt(cfg: BuildConfig, attempt: Attempt) -> None:
                 env=env, cwd=attempt.folder, start_new_session=True,
             )
             (attempt.folder / "worker.pid").write_text(str(proc.pid))
+            watch = StallWatch(cfg, attempt)
             try:
                 while proc.poll() is None:
                     _progress(attempt, bar, seen, counts)
                     check_free_space(cfg, attempt.folder)
+                    watch.check()
                     time.sleep(0.25)
             except BaseException:
                 _stop_group(proc)
