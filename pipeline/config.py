@@ -8,6 +8,7 @@ Every section is a dataclass; unknown keys and wrong types fail with a
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,6 +109,14 @@ class CrawlConfig:
     max_crawl_delay: float = 10.0  # honour robots.txt Crawl-delay up to this (s); 0 = ignore
     min_free_mb: float = 256  # stop the crawl, resumable, before its disk fills; 0 = no check
     stall_minutes: float = 30  # stop a crawl that writes nothing this long; 0 = wait forever
+
+
+def crawl_silent_seconds(c: CrawlConfig) -> float:
+    """The longest a healthy crawl writes nothing: a shard whose URLs all time out (failures
+    reach img2dataset's parquet when the shard closes; its tar gets successes only). Behind
+    the guard every request ends within its deadline; alone, img2dataset's timeout bounds it."""
+    per_request = c.request_deadline if c.guard else c.timeout
+    return math.ceil(c.number_sample_per_shard / c.thread_count) * per_request
 
 
 @dataclass
@@ -334,6 +343,12 @@ def _validate(cfg: BuildConfig) -> None:
         fail("crawl.per_domain_rps", "must be >= 0 (0 = unlimited)")
     if cfg.crawl.stall_minutes < 0:
         fail("crawl.stall_minutes", "must be >= 0 minutes (0 = no stall check)")
+    silent = crawl_silent_seconds(cfg.crawl)
+    if 0 < cfg.crawl.stall_minutes * 60 < silent:
+        fail("crawl.stall_minutes", f"{cfg.crawl.stall_minutes:g} is shorter than a healthy "
+             f"crawl can stay silent: a shard whose URLs all time out writes nothing for "
+             f"{silent:g} s (number_sample_per_shard / thread_count x request_deadline, or "
+             "timeout without the guard); raise it, or 0 for no stall check")
     if cfg.crawl.min_free_mb < 0:
         fail("crawl.min_free_mb", "must be >= 0 MB (0 = no free-space check)")
     if not 0 <= cfg.crawl.max_crawl_delay < float("inf"):

@@ -40,7 +40,6 @@ from pipeline.crawl_attempt import (
     clean_partial_shards,
     hash_images,
     run_attempt,
-    silent_bound,
     stop_stale_worker,
 )
 from pipeline.stage import StageContext, StageError
@@ -234,13 +233,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise StageError("crawl needs an upstream stage (ingest at least)")
     _check_distributor(ctx.cfg)
     check_free_space(ctx.cfg, ctx.cfg.run_dir)
-    stall, bound = ctx.cfg.crawl.stall_minutes, silent_bound(ctx.cfg)
-    if 0 < stall * 60 < bound:
-        raise StageError(
-            f"{ctx.cfg.path}: crawl.stall_minutes ({stall:g}) is shorter than a healthy crawl "
-            f"can stay silent: a shard whose URLs all time out writes nothing for {bound:g} s "
-            "(number_sample_per_shard / thread_count x crawl.request_deadline, or crawl.timeout "
-            "without the guard); raise it, or 0 for no stall check")
     con = ctx.connect()
     figures = _download(ctx, con)
     done = attempts(ctx.work_dir)

@@ -186,16 +186,6 @@ def check_free_space(cfg: BuildConfig, folder: Path) -> None:
             "resumes from its finished shards")
 
 
-def silent_bound(cfg: BuildConfig) -> float:
-    """The longest a live crawl can write nothing: a shard whose URLs all time out. Failures
-    go to img2dataset's parquet only when the shard closes; the tar gets successes only."""
-    c = cfg.crawl
-    # behind the guard every request ends within its deadline (it answers deadline_exceeded,
-    # or domain_busy when it cannot get a turn); alone, img2dataset's own timeout bounds it
-    per_request = c.request_deadline if c.guard else c.timeout
-    return math.ceil(c.number_sample_per_shard / c.thread_count) * per_request
-
-
 class StallWatch:
     """Stops a crawl whose img2dataset output stops growing for ``crawl.stall_minutes``.
 

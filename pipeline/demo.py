@@ -99,7 +99,8 @@ def serving_demo_web(cfg: BuildConfig) -> Iterator[None]:
     """Serve a demo build's web while a single stage runs outside `witforge demo`.
 
     The web comes back at the address its manifests were written for (recorded in
-    manifests/web.json by `witforge demo`), and the crawl guard lets exactly it through.
+    manifests/web.json by `witforge demo`); :func:`apply_demo_settings` has already let
+    exactly that address through the crawl guard.
     """
     from pipeline.demoweb.server import DemoWeb
 
@@ -112,8 +113,7 @@ def serving_demo_web(cfg: BuildConfig) -> Iterator[None]:
     if not _free(port):
         raise StageError(f"the demo web's port {port} (from {info}) is in use: stop what holds "
                          "it, or rerun `make demo`, which picks a free port")
-    with DemoWeb(data_dir / "pool", port=port) as web:
-        cfg.crawl.allow_hosts = [web.host_port]
+    with DemoWeb(data_dir / "pool", port=port):
         yield
 
 

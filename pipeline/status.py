@@ -52,9 +52,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _changed(old: dict[str, Any], new: dict[str, Any], both: bool = False) -> list[str]:
-    """Keys whose values differ (``both``: only keys present on both sides)."""
-    a, b = _flat(old, ""), _flat(new, "")
+def _changed(a: dict[str, Any], b: dict[str, Any], both: bool = False) -> list[str]:
+    """Keys of two flat dicts whose values differ (``both``: only keys on both sides)."""
     keys = a.keys() & b.keys() if both else a.keys() | b.keys()
     return [k for k in sorted(keys) if a.get(k, "<unset>") != b.get(k, "<unset>")]
 
@@ -77,11 +76,12 @@ def changes(report: dict[str, Any], inputs: dict[str, Any],
     if old.get("upstream") != inputs["upstream"]:
         why.append(f"its input {upstream.folder if upstream else 'upstream'} changed")
     a, b = _flat(old.get("settings", {}), ""), _flat(inputs["settings"], "")
-    why += _listed("setting", _changed(old.get("settings", {}), inputs["settings"]),
+    why += _listed("setting", _changed(a, b),
                    lambda k: f"{k} {_short(a.get(k))} -> {_short(b.get(k))}")
     why += _listed("code", _changed(old.get("code_files", {}), inputs["code_files"]))
     # files that came or went with a setting (a filter added to the list) are said by it
-    files = _changed(old.get("extra", {}), inputs["extra"], both=bool(why))
+    files = _changed(_flat(old.get("extra", {}), ""), _flat(inputs["extra"], ""),
+                     both=bool(why))
     why += _listed("changed file", files)
     if not why:
         why.append("fingerprint differs (witforge's own fingerprint rules changed)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -85,10 +86,11 @@ def test_status_names_an_interrupted_stage_and_an_old_report(tmp_path: Path) -> 
     for name in ("ingest", "text_filter"):
         run_stage(cfg, name, log=_quiet)
     # a report without recorded inputs (an older witforge) with another fingerprint
-    folder = stage_dir(cfg, get_spec("ingest"))
-    report = (folder / "report.json").read_text()
-    old = report.replace('"fingerprint": "', '"fingerprint": "0').split('"inputs"')[0]
-    (folder / "report.json").write_text(old.rstrip().rstrip(",") + "\n}")
+    path = stage_dir(cfg, get_spec("ingest")) / "report.json"
+    report = json.loads(path.read_text())
+    del report["inputs"]
+    report["fingerprint"] = "0" + report["fingerprint"]
+    path.write_text(json.dumps(report))
     assert _by_folder(y)["01_ingest"].why == [
         "its report predates recorded inputs (written by an older witforge)"]
     # a stage killed mid-run leaves its temp folder and no report

@@ -8,7 +8,6 @@ printed and written to runs/<build>/eval/summary.md (+ .json).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 import sys
@@ -17,7 +16,16 @@ from typing import Any
 
 from pipeline import shard
 from pipeline.config import BuildConfig
-from pipeline.stage import StageContext, StageError, get_spec, kept_of, read_report, stage_dir
+from pipeline.stage import (
+    StageContext,
+    StageError,
+    fingerprint_of,
+    get_spec,
+    kept_of,
+    read_report,
+    stage_dir,
+    stage_inputs,
+)
 from training.evaluate import retrieval, zero_shot
 from training.model import load_for_inference
 from training.options import PRECISIONS, TrainOptions, options_from_build
@@ -36,17 +44,18 @@ def raw_crawl_shards(cfg: BuildConfig) -> tuple[Path, str]:
     crawl = read_report(stage_dir(cfg, get_spec("crawl")))
     if crawl is None:
         raise StageError("the crawl stage has not finished: run `witforge crawl` first")
-    settings = dataclasses.replace(cfg.shard, upsample=1)
-    fp = hashlib.sha256(json.dumps([crawl["fingerprint"], vars(settings)],
-                                   sort_keys=True).encode()).hexdigest()[:16]
+    raw_cfg = dataclasses.replace(cfg, shard=dataclasses.replace(cfg.shard, upsample=1))
+    spec = get_spec("shard")
+    # the shard stage's own fingerprint on the crawl's output: its settings and its code
+    fp = fingerprint_of(stage_inputs(raw_cfg, spec, crawl["fingerprint"]))
     out = cfg.run_dir / "raw_crawl_shards"
     if (out / "fingerprint").is_file() and (out / "fingerprint").read_text() == fp:
         return out, fp
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ctx = StageContext(cfg=dataclasses.replace(cfg, shard=settings), spec=get_spec("shard"),
-                       out_dir=tmp, input_path=kept_of(cfg, "crawl"), work_dir=tmp, options={})
+    ctx = StageContext(cfg=raw_cfg, spec=spec, out_dir=tmp, input_path=kept_of(cfg, "crawl"),
+                       work_dir=tmp, options={})
     shard.run(ctx)
     (tmp / "fingerprint").write_text(fp)
     shutil.rmtree(out, ignore_errors=True)  # a half-written folder is never renamed into place
