@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import io
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,17 +19,15 @@ from training.fastpre import FastBatch, PerImage, batch_preprocess
 from training.tarstream import is_local_tar, tar_expander
 from training.toydata import write_toy_shards
 
-# Real images from the Debian packages the demo uses: clip art with alpha (RGBA), palette
-# images (P), portrait and landscape, larger and smaller than the model's input.
-REAL = (sorted(glob.glob("/usr/share/tuxpaint/stamps/animals/**/*.png", recursive=True))[:4]
-        + sorted(glob.glob("/usr/share/openclipart/png/science/*.png"))[:2]
-        + sorted(glob.glob("/usr/share/tuxpaint/starters/*.png"))[:2])
+# Real images committed with the tests (openclipart as Debian ships it, public domain; see
+# tests/data/real_images/README.md): clip art with alpha (RGBA, LA), palette images with
+# transparency (P), portrait, landscape and a thin strip, larger and smaller than the input.
+REAL = sorted(glob.glob(str(Path(__file__).parent / "data" / "real_images" / "*.png")))
 
 
 @pytest.fixture(scope="module")
 def images():
-    if len(REAL) < 6:
-        pytest.fail("the Debian packages tuxpaint-stamps-default / openclipart-png are missing")
+    assert len(REAL) == 7, "tests/data/real_images/ should hold 7 PNGs"
     out = []
     for path in REAL:
         im = Image.open(path)
@@ -38,7 +37,7 @@ def images():
     buf = io.BytesIO()
     out[0].convert("RGB").save(buf, format="JPEG", quality=90)
     out.append(Image.open(buf).convert("RGB"))
-    assert {im.mode for im in out} >= {"RGBA", "P", "RGB"}
+    assert {im.mode for im in out} >= {"RGBA", "P", "LA", "RGB"}
     return out
 
 
