@@ -16,16 +16,16 @@ export HF_HUB_OFFLINE := 1
 STAGES := ingest text_filter url_dedup precrawl_balance robots crawl image_filter image_dedup \
           decontaminate balance shard
 
-.PHONY: help venv demo demo-data test test-slow bench lint audit status run train evaluate clean $(STAGES)
+.PHONY: help venv demo demo-data test test-slow bench lint lock audit status run train evaluate clean $(STAGES)
 
 help:
 	@sed -n '1,5p' Makefile | sed 's/^# \{0,1\}//'
 	@echo "stage targets: $(STAGES) run status train evaluate audit; bench lint clean"
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m pip check
 	@touch $@
@@ -55,6 +55,17 @@ $(STAGES): $(STAMP)
 
 run status audit train evaluate: $(STAMP)
 	$(WF) $@ --build $(BUILD) $(ARGS)
+
+# constraints.txt pins every package of .venv: after editing requirements.txt, regenerate it
+# from a fresh venv (so nothing installed by hand slips in).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q -r requirements.txt
+	.venv-lock/bin/python -m pip check
+	( sed -n '1,3p' constraints.txt; .venv-lock/bin/python -m pip freeze --exclude-editable \
+	  | grep -v '^witforge' ) > constraints.txt.new && mv constraints.txt.new constraints.txt
+	rm -rf .venv-lock
 
 clean:
 	rm -rf runs bench/results/*.tmp .pytest_cache

@@ -179,7 +179,9 @@ class TrainConfig:
 class EvalConfig:
     zeroshot: list[str] = field(default_factory=list)  # eval sets in CLIP_benchmark layout
     retrieval: list[str] = field(default_factory=list)
-    templates: str = "openai"  # openai | simple
+    # dataset = each set's own zeroshot_classification_templates.txt (as CLIP_benchmark; OpenAI's 80
+    # ImageNet templates where a set has none) | openai | simple
+    templates: str = "dataset"
 
 
 @dataclass

@@ -153,6 +153,29 @@ def test_pool_heldout_sets_only_use_heldout_images(tmp_path):
     assert keys == {f"im{i}" for i in range(24)}  # held-out only
     missing = json.loads((tmp_path / "sets" / "missing.json").read_text())
     assert ("fashion_mnist" in made) != ("fashion_mnist" in missing)
+    # CLIP_benchmark's webdataset layout: a retrieval set says so (else it looks for .cls),
+    # classification sets carry the prompts both tools ensemble (OpenAI's 80)
+    assert (ret_dir / "dataset_type.txt").read_text().strip() == "retrieval"
+    assert not (cls_dir / "dataset_type.txt").exists()
+    assert (ret_dir / "test" / "nshards.txt").read_text().strip() == "1"
+    own = (cls_dir / "zeroshot_classification_templates.txt").read_text().splitlines()
+    assert len(own) == 80 and own[0] == "a bad photo of a {c}."
+
+
+def test_dataset_templates_are_the_sets_own_file_formatted_as_clip_benchmark_does(tmp_path):
+    # CLIP_benchmark formats file templates with t.format(c=name); open_clip's classifier
+    # builder formats strings positionally, which would fail on "{c}".
+    d = _colour_set(tmp_path / "colours")
+    (d / "zeroshot_classification_templates.txt").write_text(
+        "a photo of {c}.\n\nthe colour {c}\n")
+    got = templates_for(d, "dataset")
+    assert [t("red") for t in got] == ["a photo of red.", "the colour red"]
+    model, _, preprocess, tok = M.create("witforge-micro")
+    model.eval()
+    r = zero_shot(model, preprocess, tok, d, templates="dataset")
+    assert r["templates"] == 2 and r["n"] == 12
+    # without a file of its own a set gets OpenAI's 80
+    assert len(templates_for(tmp_path / "colours_no_file", "dataset")) == 80
 
 
 def test_classify_prints_label_probabilities(tmp_path, capsys):

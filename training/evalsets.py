@@ -25,16 +25,17 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import webdataset as wds
+from open_clip import OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                    "Sneaker", "Bag", "Ankle boot"]
-FASHION_TEMPLATES = ["a photo of a {c}.", "a black and white photo of a {c}.",
-                     "a low resolution photo of a {c}.", "a product photo of a {c}.",
-                     "a photo of the {c}, a type of clothing or accessory."]
-POOL_TEMPLATES = ["a picture of {c}.", "an image of {c}.", "clip art of {c}.",
-                  "a drawing of {c}.", "an emoji of {c}."]
+# Every classification set carries OpenAI's 80 ImageNet prompts in its own
+# zeroshot_classification_templates.txt: CLIP_benchmark reads that file for a webdataset set, and
+# `witforge evaluate` (eval.templates: dataset) reads the same file, so both ensemble the same
+# prompts.
+OPENAI_TEMPLATES = [t("{c}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
 class EvalSetUnavailable(RuntimeError):
@@ -58,7 +59,11 @@ def _png(img: Image.Image) -> bytes:
 
 
 def _write_set(out: Path, samples: list[dict], classnames: list[str] | None = None,
-               templates: list[str] | None = None, per_shard: int = 1000) -> Path:
+               templates: list[str] | None = None, per_shard: int = 1000,
+               dataset_type: str | None = None) -> Path:
+    """CLIP_benchmark's webdataset layout: test/{0..n-1}.tar + nshards.txt, classnames.txt and
+    zeroshot_classification_templates.txt for classification, dataset_type.txt = retrieval for
+    retrieval sets (without it CLIP_benchmark reads a set as classification and looks for .cls)."""
     (out / "test").mkdir(parents=True, exist_ok=True)
     for old in (out / "test").glob("*.tar"):
         old.unlink()
@@ -71,6 +76,8 @@ def _write_set(out: Path, samples: list[dict], classnames: list[str] | None = No
         (out / "classnames.txt").write_text("\n".join(classnames) + "\n")
     if templates is not None:
         (out / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    if dataset_type is not None:
+        (out / "dataset_type.txt").write_text(dataset_type + "\n")
     return out
 
 
@@ -93,7 +100,7 @@ def write_fashion_mnist(out: Path, n: int = 1000, root: Path = FASHION_ROOT) -> 
         samples.append({"__key__": f"t10k_{i:05d}", "png": _png(img), "cls": str(c)})
         if len(samples) >= per_class * 10:
             break
-    return _write_set(out, samples, FASHION_CLASSES, FASHION_TEMPLATES)
+    return _write_set(out, samples, FASHION_CLASSES, OPENAI_TEMPLATES)
 
 
 def _classname(category: str) -> str:
@@ -129,12 +136,13 @@ def write_pool_sets(pool_dir: Path, out_dir: Path, min_per_class: int = 5,
     out: dict[str, Path] = {}
     if len(classnames) >= 2:
         out["demo_heldout_categories"] = _write_set(
-            out_dir / "demo_heldout_categories", cls_samples, classnames, POOL_TEMPLATES)
+            out_dir / "demo_heldout_categories", cls_samples, classnames, OPENAI_TEMPLATES)
     pairs = []
     for r in rows[:max_pairs]:
         ext, data = image_bytes(r)
         pairs.append({"__key__": r["image_id"], ext: data, "txt": r["caption"].strip()})
-    out["demo_heldout_retrieval"] = _write_set(out_dir / "demo_heldout_retrieval", pairs)
+    out["demo_heldout_retrieval"] = _write_set(out_dir / "demo_heldout_retrieval", pairs,
+                                               dataset_type="retrieval")
     return out
 
 

@@ -15,6 +15,7 @@ set's own file); results are written as one JSON per set and task.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import sys
@@ -86,12 +87,22 @@ def _image(sample: dict, set_dir: Path) -> Image.Image:
 
 
 def templates_for(set_dir: Path, which: str) -> list:
+    """Prompt templates: ``dataset`` = the set's own zeroshot_classification_templates.txt (what
+    CLIP_benchmark uses for a webdataset set; OpenAI's 80 when the set has none), ``openai`` =
+    OpenAI's 80 ImageNet templates, ``simple`` = open_clip's short set. File templates name the
+    class ``{c}`` as CLIP_benchmark formats them (``t.format(c=name)``); open_clip's classifier
+    builder formats strings positionally, so they are handed over as callables."""
     own = set_dir / "zeroshot_classification_templates.txt"
     if which == "dataset" and own.is_file():
-        return [t for t in own.read_text().splitlines() if t.strip()]
+        lines = [t.strip() for t in own.read_text().splitlines() if t.strip()]
+        return [functools.partial(_fill, t) for t in lines]
     if which == "simple":
         return list(SIMPLE_IMAGENET_TEMPLATES)
     return list(OPENAI_IMAGENET_TEMPLATES)
+
+
+def _fill(template: str, classname: str) -> str:
+    return template.format(c=classname)
 
 
 def _encode_images(model, preprocess, images: list[Image.Image], device) -> torch.Tensor:
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     from training.model import load_for_inference
 
-    zs, rt, templates, model, ckpt_path, out = [], [], "openai", "witforge-tiny", None, None
+    zs, rt, templates, model, ckpt_path, out = [], [], "dataset", "witforge-tiny", None, None
     if a.build:
         from pipeline.config import load_build
 

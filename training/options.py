@@ -48,7 +48,7 @@ class TrainOptions:
     eval_every: int = 0
     zeroshot: list[str] = field(default_factory=list)
     retrieval: list[str] = field(default_factory=list)
-    templates: str = "openai"
+    templates: str = "dataset"
     threads: int = 0  # torch intra-op threads per process (0 = torch's default)
 
     def to_dict(self) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -30,16 +29,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.demoweb import sources
+from pipeline.demoweb.packages import PARTS, ensure_installed
 from pipeline.demoweb.sources import Candidate
 from pipeline.progress import progress
 
 FIXTURE_DIR = Path(__file__).parent / "fixture"
-DEBIAN_PACKAGES = ["openclipart-png", "openclipart-svg", "fonts-noto-color-emoji",
-                   "tuxpaint-stamps-default", "unicode-data"]
 # ~3,300 images -> ~3,000 served: the demo crawl then takes a minute or two on 2 cores.
 DEFAULT_MAX_IMAGES = 3300
 DEFAULT_MAX_SIDE = 256
 HELDOUT_PERCENT = 10
+IMAGE_PART = next(p for p in PARTS if p.name == "images")
 POOL_VERSION = 1
 COLUMNS = ["image_id", "file", "caption", "category", "origin", "split", "license",
            "width", "height", "sha256"]
@@ -57,27 +56,6 @@ def split_of(image_id: str) -> str:
     """'heldout' for ~10% of ids, by hash: the same on every machine and every pool size."""
     h = int(hashlib.md5(f"split:{image_id}".encode()).hexdigest()[:8], 16)
     return "heldout" if h % 100 < HELDOUT_PERCENT else "web"
-
-
-def _installed(package: str) -> bool:
-    r = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package],
-                       capture_output=True, text=True, check=False)
-    return r.returncode == 0 and "install ok installed" in r.stdout
-
-
-def ensure_debian_packages(packages: list[str] = DEBIAN_PACKAGES) -> bool:
-    """Install missing source packages with apt-get when we are root; True if all present."""
-    if not shutil.which("dpkg-query"):
-        return False
-    missing = [p for p in packages if not _installed(p)]
-    if not missing:
-        return True
-    if not shutil.which("apt-get") or os.geteuid() != 0:
-        return False
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-qq"], env=env, check=False)
-    r = subprocess.run(["apt-get", "install", "-y", "-qq", *missing], env=env, check=False)
-    return r.returncode == 0 and all(_installed(p) for p in missing)
 
 
 def gather(roots: SourceRoots) -> list[Candidate]:
@@ -185,7 +163,7 @@ def assemble_pool(out_dir: Path, prefer_system: bool = True, max_images: int = D
     cands: list[Candidate] = []
     if prefer_system:
         if roots == SourceRoots():
-            ensure_debian_packages()
+            ensure_installed(IMAGE_PART.packages)
         cands = select(gather(roots), max_images)
         if not cands:
             print("witforge demo-data: the Debian image packages are missing and could not be "
