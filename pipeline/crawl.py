@@ -34,14 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BuildConfig
-from pipeline.crawl_attempt import (
-    Attempt,
-    check_free_space,
-    clean_partial_shards,
-    hash_images,
-    run_attempt,
-    stop_stale_worker,
-)
+from pipeline.crawl_attempt import Attempt, check_free_space, hash_images, run_attempt
+from pipeline.crawl_resume import clean_partial_shards, stop_stale_worker
 from pipeline.stage import StageContext, StageError
 
 SQL = Path(__file__).parent / "sql" / "crawl_merge.sql"

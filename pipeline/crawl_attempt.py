@@ -7,12 +7,15 @@ Layout of ``runs/<build>/06_crawl.work/attempt_NNN/``::
     images/          img2dataset's output: NNNNN.tar, NNNNN.parquet, NNNNN_stats.json
     hashes.parquet   attempt, key, tar, sha256, bytes of each stored image (when done)
     crawl.log        img2dataset's own output
+    worker.pid       the img2dataset worker's pid (its process group) of the latest run
+    guard.jsonl      the guard proxy's refusals and summaries; guard.log its stderr
+    confirmed.txt    the shards the stage saw finished while it and its guard were alive
     _DONE            every shard finished and hashed
 
 img2dataset resumes whole shards (``incremental_mode``): a shard counts as done when its
-``_stats.json`` exists. That file is not written atomically and a killed process can leave a
-tar without one, so before resuming every shard is checked and anything doubtful is removed
-and downloaded again.
+``_stats.json`` exists. Before resuming, every shard that is not provably complete, or that
+the stage did not see finished while it and its guard were alive, is removed and downloaded
+again (pipeline/crawl_resume.py).
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.config import BuildConfig
-from pipeline.guard.proxy import crawl_timeout, guarded_env
+from pipeline.crawl_resume import (
+    clean_partial_shards,
+    confirm_shards,
+    confirmed_shards,
+    shard_name,
+)
+from pipeline.guard.proxy import GuardProxy, crawl_timeout, guarded_env
 from pipeline.progress import progress
 from pipeline.robots import crawl_delays
 from pipeline.stage import StageError
@@ -137,37 +146,6 @@ def worker_env(cfg: BuildConfig) -> dict[str, str]:
     return env
 
 
-def _shard_ok(stats: Path) -> bool:
-    try:
-        s = json.loads(stats.read_text())
-        results = stats.with_name(stats.name.replace("_stats.json", ".parquet"))
-        if pq.ParquetFile(results).metadata.num_rows != s["count"]:
-            return False
-        tar = stats.with_name(stats.name.replace("_stats.json", ".tar"))
-        with tarfile.open(tar) as t:
-            members = t.getmembers()
-        # tarfile stops quietly at a cut; every success is <key>.{jpg,txt,json} in the tar.
-        end = max((m.offset_data + m.size for m in members), default=0)
-        return (end <= tar.stat().st_size
-                and sum(m.name.endswith(".json") for m in members) == s["successes"])
-    except (OSError, ValueError, KeyError, tarfile.TarError, pa.ArrowException):
-        return False
-
-
-def clean_partial_shards(attempt: Attempt) -> int:
-    """Remove every shard that is not provably complete, so img2dataset redoes it."""
-    if not attempt.images.exists():
-        return 0
-    good = {p.name.split("_")[0] for p in attempt.stats_files() if _shard_ok(p)}
-    removed = set()
-    for p in attempt.images.iterdir():
-        shard = p.name.split("_")[0].split(".")[0]
-        if p.is_file() and shard.isdigit() and shard not in good:
-            p.unlink()
-            removed.add(shard)
-    return len(removed)
-
-
 def check_free_space(cfg: BuildConfig, folder: Path) -> None:
     """Refuse to go on below ``crawl.min_free_mb`` free on the crawl's disk.
 
@@ -229,7 +207,17 @@ class StallWatch:
                 "finished shards")
 
 
+def _exited(proc: subprocess.Popen) -> bool:
+    """Whether the worker has exited, leaving it unreaped: while its zombie holds the pid,
+    the group id cannot go to another process, so :func:`_stop_group` is safe."""
+    if proc.returncode is not None:
+        return True
+    return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
 def _stop_group(proc: subprocess.Popen) -> None:
+    """Kill the worker's group: img2dataset's pool too, which a worker killed on its own (the
+    OOM killer) leaves behind, still writing shards."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -237,8 +225,21 @@ def _stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _progress(attempt: Attempt, bar: tqdm, seen: set[str], counts: dict[str, int]) -> None:
-    for stats in attempt.stats_files():
+def _check_guard(guard: GuardProxy | None, attempt: Attempt) -> None:
+    code = guard.exit_code() if guard is not None else None
+    if code is None:
+        return
+    how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    raise StageError(
+        f"crawl: the guard proxy (pid {guard.pid}) {how} while img2dataset was downloading "
+        f"{attempt.folder}; shards it was serving are not kept. See its log "
+        f"{attempt.folder / 'guard.log'} (refusals in {attempt.folder / 'guard.jsonl'}). "
+        "Rerun: the crawl resumes from the shards finished before")
+
+
+def _progress(stats_files: list[Path], bar: tqdm, seen: set[str],
+              counts: dict[str, int]) -> None:
+    for stats in stats_files:
         if stats.name in seen:
             continue
         try:
@@ -252,44 +253,60 @@ def _progress(attempt: Attempt, bar: tqdm, seen: set[str], counts: dict[str, int
         bar.update(s["count"])
 
 
+def _run_worker(cfg: BuildConfig, attempt: Attempt, job: Path, bar: tqdm) -> int:
+    """One img2dataset run behind the guard; its exit status."""
+    delays = crawl_delays(cfg)  # robots.txt Crawl-delay per host, for the guard
+    # Safe crawl (issue 5): with crawl.guard, every request of the worker goes through a
+    # guarding proxy on loopback (http_proxy/https_proxy in its env); see pipeline/guard.
+    with guarded_env(cfg.crawl, worker_env(cfg), attempt.folder / "guard.jsonl",
+                     domain_intervals=delays, log_path=attempt.folder / "guard.log") as (
+            env, guard), open(attempt.log, "ab") as log:
+        cmd = [sys.executable, "-m", "pipeline.crawl_worker", str(job)]
+        if guard is not None:
+            cmd += ["--guard-pid", str(guard.pid)]
+        # stdin: a pipe the worker's watchdog reads; it closes when this process dies.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.PIPE, env=env, cwd=attempt.folder,
+                                start_new_session=True)
+        (attempt.folder / "worker.pid").write_text(str(proc.pid))
+        watch = StallWatch(cfg, attempt)
+        counts = {"ok": 0, "failed": 0}
+        seen: set[str] = set()
+        confirmed = confirmed_shards(attempt)  # resumed shards: recorded already
+        try:
+            while True:
+                running = not _exited(proc)
+                finished = attempt.stats_files()
+                # Listed first, then the guard checked: shards confirmed below finished
+                # before a moment at which the guard, and this process, were alive.
+                _check_guard(guard, attempt)
+                names = {shard_name(p) for p in finished}
+                confirm_shards(attempt, names - confirmed)
+                confirmed |= names
+                _progress(finished, bar, seen, counts)
+                if not running:
+                    break
+                check_free_space(cfg, attempt.folder)
+                watch.check()
+                time.sleep(0.25)
+        finally:
+            _stop_group(proc)
+            proc.stdin.close()
+    return proc.returncode
+
+
 def run_attempt(cfg: BuildConfig, attempt: Attempt) -> None:
     """Download an attempt's missing shards in a worker process, with a progress bar."""
     kwargs = download_kwargs(cfg, attempt)
     job = attempt.folder / "download.json"
     job.write_text(json.dumps(kwargs, indent=2))
-    total = attempt.rows()
     per_shard = cfg.crawl.number_sample_per_shard
-    delays = crawl_delays(cfg)  # robots.txt Crawl-delay per host, for the guard
     for _ in range(2):  # a second pass retries shards img2dataset gave up on
-        # Safe crawl (issue 5): with crawl.guard, every request of the worker goes through a
-        # guarding proxy on loopback (http_proxy/https_proxy in its env); see pipeline/guard.
-        with guarded_env(cfg.crawl, worker_env(cfg), attempt.folder / "guard.jsonl",
-                         domain_intervals=delays) as env, \
-                open(attempt.log, "ab") as log, progress(
-            total=total, desc=f"crawl attempt {attempt.number}", unit="img",
-            mininterval=1.0, dynamic_ncols=True,
-        ) as bar:
-            counts = {"ok": 0, "failed": 0}
-            seen: set[str] = set()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.crawl_worker", str(job)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, cwd=attempt.folder, start_new_session=True,
-            )
-            (attempt.folder / "worker.pid").write_text(str(proc.pid))
-            watch = StallWatch(cfg, attempt)
-            try:
-                while proc.poll() is None:
-                    _progress(attempt, bar, seen, counts)
-                    check_free_space(cfg, attempt.folder)
-                    watch.check()
-                    time.sleep(0.25)
-            except BaseException:
-                _stop_group(proc)
-                raise
-            _progress(attempt, bar, seen, counts)
-        if proc.returncode != 0:
-            raise StageError(f"img2dataset failed (exit {proc.returncode}) in {attempt.folder}; "
+        with progress(total=attempt.rows(), desc=f"crawl attempt {attempt.number}",
+                      unit="img", mininterval=1.0, dynamic_ncols=True) as bar:
+            code = _run_worker(cfg, attempt, job, bar)
+        if code != 0:
+            raise StageError(f"img2dataset failed (exit {code}) in {attempt.folder}; "
                              f"last lines of {attempt.log}:\n{_tail(attempt.log)}")
         if len(attempt.stats_files()) >= attempt.shard_count(per_shard):
             return
@@ -297,25 +314,6 @@ def run_attempt(cfg: BuildConfig, attempt: Attempt) -> None:
     missing = attempt.shard_count(per_shard) - len(attempt.stats_files())
     raise StageError(f"img2dataset left {missing} shard(s) of {attempt.folder} unfinished; "
                      f"rerun to retry them (see {attempt.log}):\n{_tail(attempt.log)}")
-
-
-def stop_stale_worker(attempt: Attempt) -> None:
-    """Wait for a worker left by a killed stage process to stop (its watchdog kills it)."""
-    pid_file = attempt.folder / "worker.pid"
-    if not pid_file.exists():
-        return
-    pid = int(pid_file.read_text() or 0)
-    deadline = time.time() + 10
-    while pid and time.time() < deadline:
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return
-        if b"pipeline.crawl_worker" not in cmd or str(attempt.folder).encode() not in cmd:
-            return
-        time.sleep(0.2)
-    raise StageError(f"a crawl worker (pid {pid}) is still writing {attempt.folder}; "
-                     "is another `witforge crawl` running on this build?")
 
 
 def _tail(path: Path, lines: int = 15) -> str:

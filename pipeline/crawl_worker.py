@@ -1,44 +1,72 @@
-"""One img2dataset download in its own process: `python -m pipeline.crawl_worker JOB.json`.
+"""One img2dataset download in its own process: `python -m pipeline.crawl_worker JOB.json
+[--guard-pid PID]`.
 
 JOB.json holds the keyword arguments of ``img2dataset.download``. The crawl stage starts
 this module in a new session (its own process group) so that img2dataset's spawned pool
 and logger processes can be stopped together, and so that a 5 s import and any crash in a
 download process stay out of the stage's process.
 
-If the stage process dies (even by SIGKILL), a watchdog thread here notices that the
-parent changed and kills the whole group: otherwise orphaned pool workers would keep
-writing shards while a rerun resumes the same folder.
+A watchdog thread kills the whole group (SIGKILL) the moment the stage process or the guard
+proxy dies: otherwise orphaned pool workers would keep writing shards while a rerun resumes
+the same folder, and every request they still make fails at once (the guard, and in
+``make demo`` the demo web, died with the stage), so a shard finished in that window holds
+connection errors that are not the web's. The stage's end of our stdin pipe closes when the
+stage dies, however it dies; the guard is watched through a pidfd. Both wake the watchdog at
+once (no polling delay); the parent-pid check every 0.5 s is a fallback for a worker started
+without the pipe. The stage also refuses, on resume, any shard it did not see finish while it
+and its guard were alive (pipeline/crawl_attempt.py), so what this watchdog cannot prevent in
+its last microseconds is never kept.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import select
 import signal
+import stat
 import sys
 import threading
-import time
 
 
-def _watch_parent(parent: int) -> None:
+def _stop_group() -> None:
+    os.killpg(os.getpgid(0), signal.SIGKILL)
+
+
+def _watch(parent: int, guard_pid: int | None) -> None:
     # Only a session leader may kill its group: started any other way (by hand, in a
     # debugger), the group would include the caller's shell.
     if os.getsid(0) != os.getpid():
         return
+    poller = select.poll()
+    pipe = stat.S_ISFIFO(os.fstat(0).st_mode)
+    if pipe:
+        poller.register(0, select.POLLIN)
+    guard_fd = None
+    if guard_pid:
+        try:
+            guard_fd = os.pidfd_open(guard_pid)
+        except ProcessLookupError:  # the guard is already gone
+            _stop_group()
+        poller.register(guard_fd, select.POLLIN)
     while True:
-        time.sleep(0.5)
+        for fd, _ in poller.poll(500):
+            if fd == guard_fd or not os.read(0, 4096):  # the guard exited / stdin closed
+                _stop_group()
         if os.getppid() != parent:
-            os.killpg(os.getpgid(0), signal.SIGKILL)
+            _stop_group()
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m pipeline.crawl_worker JOB.json", file=sys.stderr)
-        return 2
+    p = argparse.ArgumentParser(prog="python -m pipeline.crawl_worker")
+    p.add_argument("job", help="JSON file with img2dataset.download's keyword arguments")
+    p.add_argument("--guard-pid", type=int, help="stop at once when this process exits")
+    args = p.parse_args(argv)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
-    with open(argv[0], encoding="utf-8") as f:
+    threading.Thread(target=_watch, args=(os.getppid(), args.guard_pid), daemon=True).start()
+    with open(args.job, encoding="utf-8") as f:
         kwargs = json.load(f)
     from img2dataset import download
 

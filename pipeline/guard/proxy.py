@@ -7,7 +7,8 @@
 
 The proxy runs in its own process so that its event loop never competes with the crawl's
 Python threads for a GIL, and so a crash in either cannot take the other down. It exits when
-its stdin closes, so it never outlives the process that started it.
+its stdin closes, so it never outlives the process that started it; with ``log_path`` its
+stderr (a traceback if it crashes) goes to that file.
 
 :func:`classify_guard_error` turns an img2dataset error message back into the guard's reason
 and URL, for the crawl stage's ledger.
@@ -86,11 +87,13 @@ class GuardProxy:
     """The guarding proxy as a child process on 127.0.0.1 (a context manager)."""
 
     def __init__(self, settings: GuardSettings | Any, events_path: str | Path | None = None,
-                 port: int = 0, start_timeout: float = 30.0) -> None:
+                 port: int = 0, start_timeout: float = 30.0,
+                 log_path: str | Path | None = None) -> None:
         if not isinstance(settings, GuardSettings):
             settings = settings_from_crawl(settings)
         self.settings = settings
         self.events_path = Path(events_path) if events_path else None
+        self.log_path = Path(log_path) if log_path else None
         self.port = port
         self.start_timeout = start_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -123,8 +126,13 @@ class GuardProxy:
                "--port", str(self.port), "--settings", settings]
         if self.events_path is not None:
             cmd += ["--events", str(self.events_path)]
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      env=env)
+        log = open(self.log_path, "ab") if self.log_path is not None else None
+        try:
+            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=log, env=env)
+        finally:
+            if log is not None:
+                log.close()  # the child has its own copy
         line = self._read_ready_line()
         host, _, port = line.rsplit(" ", 1)[-1].rpartition(":")
         self.address = (host, int(port))
@@ -140,6 +148,16 @@ class GuardProxy:
             self.stop()
             raise RuntimeError(f"the guard proxy did not start (got {line!r}; see stderr)")
         return line
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def exit_code(self) -> int | None:
+        """None while the proxy runs, else its exit status (negative: killed by a signal)."""
+        if self._proc is None:
+            raise RuntimeError("the guard proxy was never started")
+        return self._proc.poll()
 
     def stop(self) -> None:
         if self._settings_file is not None:
@@ -227,16 +245,17 @@ def crawl_timeout(crawl: Any) -> int:
 @contextmanager
 def guarded_env(crawl: Any, env: dict[str, str], events_path: str | Path | None = None,
                 domain_intervals: dict[str, float] | None = None,
-                ) -> Iterator[dict[str, str]]:
-    """``env`` routed through a running GuardProxy when ``crawl.guard`` is on (the proxy
-    lives as long as the ``with`` block); ``env`` unchanged when it is off.
+                log_path: str | Path | None = None,
+                ) -> Iterator[tuple[dict[str, str], GuardProxy | None]]:
+    """(``env`` routed through a running GuardProxy, the proxy) when ``crawl.guard`` is on
+    (the proxy lives as long as the ``with`` block); (``env`` unchanged, None) when it is off.
     ``domain_intervals``: seconds between two requests to a host (robots.txt Crawl-delay)."""
     if not crawl.guard:
-        yield env
+        yield env, None
         return
     settings = settings_from_crawl(crawl, domain_intervals=dict(domain_intervals or {}))
-    with GuardProxy(settings, events_path=events_path) as proxy:
+    with GuardProxy(settings, events_path=events_path, log_path=log_path) as proxy:
         out = {k: v for k, v in env.items()
                if k.lower() not in ("no_proxy", "all_proxy") and not k.lower().endswith("_proxy")}
         out.update(proxy.env())
-        yield out
+        yield out, proxy
