@@ -44,8 +44,12 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     top = logits.topk(min(5, n_classes), dim=1).indices
     hit1 = top[:, 0] == labels
     hit5 = (top == labels[:, None]).any(dim=1)
-    recalls = [hit1[labels == c].float().mean().item() for c in labels.unique().tolist()]
-    return {"top1": hit1.float().mean().item(), "top5": hit5.float().mean().item(),
+    # counts over n in Python floats, as CLIP_benchmark and scikit-learn compute them, so both
+    # tools print the very same numbers (a float32 mean differs in the 9th digit)
+    n = int(labels.numel())
+    recalls = [int(hit1[labels == c].sum()) / int((labels == c).sum())
+               for c in labels.unique().tolist()]
+    return {"top1": int(hit1.sum()) / n, "top5": int(hit5.sum()) / n,
             "mean_per_class_recall": sum(recalls) / len(recalls), "n": int(labels.numel())}
 
 
