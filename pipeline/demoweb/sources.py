@@ -13,6 +13,7 @@ import html
 import io
 import re
 import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,6 +203,9 @@ def _render_emoji(seq: str, font_path: Path) -> Image.Image | None:
     return canvas.crop(box)
 
 
+MAX_SOURCE_PIXELS = 40_000_000
+
+
 def render(c: Candidate, max_side: int, font_path: Path = EMOJI_FONT) -> tuple[bytes, str] | None:
     """Image bytes and extension ('png' for clip art, 'jpg' otherwise); None if unusable."""
     if c.origin == "emoji":
@@ -209,7 +213,14 @@ def render(c: Candidate, max_side: int, font_path: Path = EMOJI_FONT) -> tuple[b
         if im is None:
             return None
     else:
-        with Image.open(c.src) as src:
+        with warnings.catch_warnings():
+            # a few openclipart PNGs are 100-170 Mpixel posters: decoding one takes seconds
+            # and ~700 MB for a 256 px thumbnail; they are left out (PIL warns on them too)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            src = Image.open(c.src)
+        with src:
+            if src.width * src.height > MAX_SOURCE_PIXELS:
+                return None
             src.load()
             im = src.copy()
     im = _flatten(im)
