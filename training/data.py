@@ -13,12 +13,26 @@ One *slot* = (rank, worker). Every slot reads its own deterministic, infinite st
   Under half the loader CPU (bench: 831 -> 1,400-2,400 samples/s per worker), which matters
   when the loader shares 2 cores with torch's threads.
 
-* ``resampled=True`` draws shards with replacement (seeded per slot); otherwise the slot makes
-  passes over its share of the shards, reshuffled each pass ("epochs").
-* Split: with at least as many shards as slots each slot owns ``shards[slot::slots]``; with
-  fewer, every slot reads all shards and keeps every ``slots``-th sample, so no rank is ever
-  left without data. Streams are infinite, so every rank yields the same number of batches;
-  the train loop decides how many steps make an epoch (``steps_per_epoch``).
+* ``resampled=True``: every slot draws whole shards with replacement from *all* shards of a
+  source, uniformly, from its own seeded RNG (open_clip's ``ResampledShards2``). Uniform per
+  shard, not per sample count, is what makes samples uniform: a draw of shard k yields each
+  of its samples once, so a sample's rate is P(draw k) / E[samples per draw], the same for
+  every sample only when P is the same for every shard (size-weighted draws would show a
+  500-sample shard's samples twice as often as a 246-sample shard's). Needs no sizes.json.
+* ``resampled=False`` ("passes"): all slots walk a source's shards in one shared order
+  (reshuffled per pass) and each sample of a pass goes to exactly one slot. ``split=auto``
+  with every shard in sizes.json: in pass e, slot s of S takes samples [r*N//S, (r+1)*N//S)
+  of the pass's N samples, r = (s + e) % S; so a slot reads only the shards its range
+  touches, and after every S passes every slot has read exactly N samples and each sample has
+  been seen exactly S times, however uneven the shards are. Without sizes.json: whole
+  shards ``shards[slot::slots]`` (equal shard counts; equal sample counts only for
+  equal-sized shards; a warning says so), or with fewer shards than slots the deal below.
+* ``split=sample`` (either mode): all slots read one shared shard sequence and deal its
+  samples round-robin (sample g of the sequence goes to slot g % S): exact shares without
+  sizes.json, at S times the reads. ``split=shard``: whole shards ``shards[slot::slots]`` in
+  pass mode (the old split; shares as above), the same as ``auto`` when resampled.
+* Streams are infinite, so every rank yields the same number of batches; the train loop
+  decides how many steps make an epoch (``steps_per_epoch``).
 * Position: each batch's ``info`` carries its slot's sample counters. The train loop keeps the
   latest per slot (``LoaderPosition``) in the checkpoint; on resume each slot replays its
   stream *without decoding images* up to that point, so the next batch is the same one the
@@ -35,6 +49,7 @@ import io
 import json
 import os
 import random
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,10 +90,10 @@ def expand_shards(spec: str | Path | list[str]) -> list[str]:
     return urls
 
 
-def count_samples(urls: list[str]) -> int | None:
-    """Samples in ``urls`` according to the sizes.json next to them (open_clip's format),
-    or None when a shard is not listed."""
-    total, cache = 0, {}
+def shard_sizes(urls: list[str]) -> list[int] | None:
+    """Samples in each of ``urls`` according to the sizes.json next to it (open_clip's
+    format), or None when a shard is not listed (remote URLs, hand-made tars)."""
+    sizes, cache = [], {}
     for u in urls:
         sizes_path = Path(u).parent / "sizes.json"
         if sizes_path not in cache:
@@ -87,8 +102,14 @@ def count_samples(urls: list[str]) -> int | None:
         n = cache[sizes_path].get(Path(u).name)
         if n is None:
             return None
-        total += int(n)
-    return total
+        sizes.append(int(n))
+    return sizes
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Samples in ``urls`` according to sizes.json, or None when a shard is not listed."""
+    sizes = shard_sizes(urls)
+    return None if sizes is None else sum(sizes)
 
 
 @dataclass
@@ -137,7 +158,9 @@ def _rng(*parts: Any) -> random.Random:
 
 
 class ClipStream(IterableDataset):
-    """Yields (images [B,3,H,W], tokens [B,L], info) batches forever; see module docstring."""
+    """Yields (images [B,3,H,W], tokens [B,L], info) batches forever; see module docstring.
+
+    ``notes``: what the split could not guarantee (also issued once as a warning)."""
 
     def __init__(self, cfg: LoaderConfig, preprocess: Callable, tokenizer: Callable,
                  position: LoaderPosition | None = None):
@@ -153,27 +176,68 @@ class ClipStream(IterableDataset):
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.batch_preprocess = batch_preprocess(preprocess)
         self.position = position or LoaderPosition()
+        slots = max(1, cfg.workers) * cfg.world_size
+        self.sizes = [shard_sizes(u) if not cfg.resampled else None for u in self.urls]
+        self.modes = [self._mode(src, slots) for src in range(len(self.urls))]
+        self.notes = [f"{cfg.sources[src]}: shards not all in sizes.json, so passes split "
+                      f"whole shards over {slots} slots: slots get equal sample counts only "
+                      "if the shards are equal-sized (write sizes.json or use --split sample)"
+                      for src, m in enumerate(self.modes)
+                      if m == "own" and cfg.split == "auto"]
+        for note in self.notes:
+            warnings.warn(note, stacklevel=2)
 
     # -- raw (undecoded) sample streams ------------------------------------------------------
+    def _mode(self, src: int, slots: int) -> str:
+        """How source ``src`` is split over ``slots`` (module docstring): draw (resampled:
+        independent whole-shard draws), deal (shared sequence, round-robin samples), range
+        (passes: contiguous sample ranges from sizes.json), own (passes: whole shards)."""
+        cfg, urls, sizes = self.cfg, self.urls[src], self.sizes[src]
+        if cfg.split == "sample":
+            return "deal"
+        if cfg.resampled:
+            return "draw"
+        if cfg.split == "shard" or (sizes is None and len(urls) >= slots):
+            if len(urls) < slots:
+                raise ValueError(f"{cfg.sources[src]}: split=shard needs at least one shard "
+                                 f"per slot: {len(urls)} shards for {slots} slots")
+            return "own"
+        if sizes is None:
+            return "deal"
+        if sum(sizes) < slots:
+            raise ValueError(f"{cfg.sources[src]}: {sum(sizes)} samples (sizes.json) cannot "
+                             f"feed {slots} slots")
+        return "range"
+
     def _shard_order(self, src: int, slot: int, slots: int) -> Iterator[tuple[str, int, int]]:
-        """(url, keep_every, keep_offset) forever, for one source in one slot."""
-        urls = self.urls[src]
-        by_sample = self.cfg.split == "sample" or (self.cfg.split == "auto" and len(urls) < slots)
-        mine = urls if by_sample else urls[slot::slots]
-        keep = (slots, slot) if by_sample else (1, 0)
-        # Sample-level split: all slots must walk the shards in the same order.
-        who = "all" if by_sample else slot
+        """(url, start, stop) forever, for one source in one slot: keep the shard's samples
+        start..stop-1 (stop -1: to its end). Deal mode filters further (``_raw_samples``)."""
+        urls, mode, seed = self.urls[src], self.modes[src], self.cfg.seed
+        # Deal and range split one shared sequence: every slot must walk it in the same order.
+        who = slot if mode in ("draw", "own") else "all"
         if self.cfg.resampled:
-            rng = _rng(self.cfg.seed, "resample", src, who)
+            rng = _rng(seed, "resample", src, who)
             while True:
-                yield (rng.choice(mine), *keep)
+                yield rng.choice(urls), 0, -1
+        mine = urls[slot::slots] if mode == "own" else urls
+        sizes = self.sizes[src]
         epoch = 0
         while True:
-            order = list(mine)
+            order = list(range(len(mine)))
             if self.cfg.shuffle_buffer > 0:
-                _rng(self.cfg.seed, "shards", src, who, epoch).shuffle(order)
-            for u in order:
-                yield (u, *keep)
+                _rng(seed, "shards", src, who, epoch).shuffle(order)
+            if mode != "range":
+                yield from ((mine[k], 0, -1) for k in order)
+            else:
+                # Which range rotates with the pass: over any S passes every slot takes each
+                # range once, so all slots read exactly N samples and every sample S times.
+                total, pos, r = sum(sizes), 0, (slot + epoch) % slots
+                lo, hi = r * total // slots, (r + 1) * total // slots
+                for k in order:
+                    start, stop = max(lo - pos, 0), min(hi - pos, sizes[k])
+                    if start < stop:
+                        yield mine[k], start, stop
+                    pos += sizes[k]
             epoch += 1
 
     def _raw_samples(self, src: int, slot: int, slots: int, skipped: Counter) -> Iterator[dict]:
@@ -181,16 +245,26 @@ class ClipStream(IterableDataset):
             skipped["unreadable_tar"] += 1  # truncated or malformed tar: rest of shard lost
             return True
 
+        deal = self.modes[src] == "deal"
+
         def samples() -> Iterator[dict]:
-            for url, every, offset in self._shard_order(src, slot, slots):
+            dealt = 0  # deal mode: samples of the shared sequence so far, in every slot
+            for url, start, stop in self._shard_order(src, slot, slots):
                 if is_local_tar(url):
                     files = tar_expander([url], handler)
                 else:
                     stream = url_opener([{"url": url}], handler=handler)
                     files = tar_file_expander(stream, handler=handler)
                 for i, s in enumerate(group_by_keys(files, handler=handler)):
-                    if i % every == offset:
-                        yield s
+                    if i == stop:
+                        break  # the rest of this shard belongs to the next slot
+                    if i < start:
+                        continue
+                    if deal:
+                        dealt += 1
+                        if (dealt - 1) % slots != slot:
+                            continue
+                    yield s
 
         it = samples()
         n = self.cfg.shuffle_buffer
