@@ -181,7 +181,7 @@ def bench_shard(images: list[bytes], samples: int, tmp: Path, rounds: int = 3) -
     t0 = time.perf_counter()
     report = run_stage(cfg, "shard", log=lambda s: None)
     stage_s = time.perf_counter() - t0
-    out = cfg.run_dir / "11_shard"
+    out = cfg.run_dir / "14_shard"
     # peer: the same members as plain files, archived by GNU tar
     files = tmp / "files"
     files.mkdir()

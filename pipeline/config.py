@@ -144,6 +144,54 @@ class DecontaminateConfig:
 
 
 @dataclass
+class BootstrapConfig:
+    """embed.checkpoint: bootstrap — the pool scores itself (training/bootstrap.py): K models,
+    each trained on K-1 folds of the pairs, each pair scored by the one that never saw it."""
+
+    folds: int = 3
+    model: str = "witforge-tiny"
+    steps: int = 150
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 15
+    seed: int = 0
+
+
+@dataclass
+class EmbedConfig:
+    # any open_clip architecture name, or a model config JSON path
+    model: str = "ViT-B-32"
+    # a local file (open_clip / OpenAI / LAION weights, or our runs/<b>/train/model.pt), or
+    # `bootstrap`; empty = no embed stage (and no clip_filter / semantic_dedup)
+    checkpoint: str = ""
+    batch_size: int = 256
+    precision: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # cpu | cuda | auto
+    workers: int = 2  # image-decoding threads
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+
+
+@dataclass
+class ClipFilterConfig:
+    # named SQL filters over the embed stage's output (clip_score, caption, sizes...), as
+    # text_filter.filters; shipped: clip_score_min, clip_score_top
+    filters: list[str] = field(default_factory=list)
+    min_clip_score: float = 0.28  # clip_score_min (LAION's rule for OpenAI ViT-B/32)
+    fraction: float = 0.3  # clip_score_top: keep this top fraction (DataComp's best baseline)
+
+
+@dataclass
+class SemanticDedupConfig:
+    enabled: bool = False
+    eps: float = 0.0  # drop a member whose cosine to a kept one is >= 1 - eps
+    target_fraction: float = 0.0  # or: remove this fraction, eps found by search
+    clusters: int = 0  # spherical k-means clusters; 0 = about sqrt(rows)
+    exact_below: int = 10000  # fewer rows: one cluster, exact all pairs
+    kmeans_iterations: int = 20
+    seed: int = 0
+
+
+@dataclass
 class ShardConfig:
     samples_per_shard: int = 1000
     seed: int = 0
@@ -205,6 +253,9 @@ class BuildConfig:
     image_filter: ImageFilterConfig = field(default_factory=ImageFilterConfig)
     image_dedup: ImageDedupConfig = field(default_factory=ImageDedupConfig)
     decontaminate: DecontaminateConfig = field(default_factory=DecontaminateConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    clip_filter: ClipFilterConfig = field(default_factory=ClipFilterConfig)
+    semantic_dedup: SemanticDedupConfig = field(default_factory=SemanticDedupConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -383,6 +434,35 @@ def _validate(cfg: BuildConfig) -> None:
         fail("train.precision", "must be fp32, bf16 or fp16 (fp16 needs a CUDA device)")
     if cfg.eval.templates not in ("openai", "simple", "dataset"):
         fail("eval.templates", "must be openai, simple or dataset")
+    e = cfg.embed
+    if e.precision not in ("fp32", "bf16"):
+        fail("embed.precision", "must be fp32 or bf16")
+    if e.device not in ("auto", "cpu", "cuda"):
+        fail("embed.device", "must be auto, cpu or cuda")
+    for key in ("batch_size", "workers"):
+        if getattr(e, key) < 1:
+            fail(f"embed.{key}", "must be >= 1")
+    if e.bootstrap.folds < 2:
+        fail("embed.bootstrap.folds", "must be >= 2 (each pair is scored by a model trained on "
+             "the other folds)")
+    if e.bootstrap.steps < 1 or e.bootstrap.batch_size < 2:
+        fail("embed.bootstrap.steps", "steps must be >= 1 and batch_size >= 2")
+    if cfg.clip_filter.filters and not e.checkpoint:
+        fail("clip_filter.filters", "needs the embed stage: set embed.checkpoint (a local "
+             "checkpoint file, or bootstrap)")
+    if not 0 < cfg.clip_filter.fraction <= 1:
+        fail("clip_filter.fraction", "must be in (0, 1]")
+    sd = cfg.semantic_dedup
+    if sd.enabled:
+        if not e.checkpoint:
+            fail("semantic_dedup.enabled", "needs the embed stage: set embed.checkpoint")
+        if (sd.eps > 0) == (sd.target_fraction > 0):
+            fail("semantic_dedup.eps", "set exactly one of eps (> 0) and target_fraction (> 0)")
+    if not 0 <= sd.eps < 1 or not 0 <= sd.target_fraction < 1:
+        fail("semantic_dedup.eps", "eps and target_fraction must be in [0, 1)")
+    if sd.clusters < 0 or sd.exact_below < 0 or sd.kmeans_iterations < 1:
+        fail("semantic_dedup.clusters", "clusters and exact_below must be >= 0, "
+             "kmeans_iterations >= 1")
     for sec in ("precrawl_balance", "balance"):
         b = getattr(cfg, sec)
         if b.method not in ("auto", "duckdb", "ahocorasick"):

@@ -1,4 +1,5 @@
-"""Named SQL filters: ``text_filter`` (before the crawl) and ``image_filter`` (after it).
+"""Named SQL filters: ``text_filter`` (before the crawl), ``image_filter`` (after it) and
+``clip_filter`` (over the embed stage's ``clip_score``; a drop's detail carries the score).
 
 A filter is a ``.sql`` file; its name is the file name without ``.sql``. It holds either
 
@@ -49,7 +50,10 @@ from pipeline.stage import (
 )
 
 FILTER_DIR = Path(__file__).parent / "sql" / "filters"
-FILTER_STAGES = ("text_filter", "image_filter")
+FILTER_STAGES = ("text_filter", "image_filter", "clip_filter")
+# Columns whose value a dropped row records in its detail, per stage: a clip filter's drop says
+# the score that failed ('false; clip_score=0.2134').
+DETAIL_COLUMNS = {"clip_filter": ("clip_score",)}
 # A query starts with one of these words; anything else (even "(SELECT …) > 0") is a condition.
 _QUERY_START = re.compile(r"^(select|with|from)\b", re.IGNORECASE)
 _LEADING_COMMENTS = re.compile(r"^(?:\s+|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
@@ -196,11 +200,16 @@ def _drop_table(con: duckdb.DuckDBPyConnection, filters: list[Filter],
     names = "[" + ", ".join("'" + f.name.replace("'", "''") + "'" for f in filters) + "]"
     have = {r[0] for r in con.execute("DESCRIBE pairs").fetchall()}
     keys = ", ".join(k for k in ("uid", "_row") if k in have)
+    shown = [c for c in DETAIL_COLUMNS.get(stage, ()) if c in have]
+    detail = "CASE WHEN fate < 0 THEN 'null' ELSE 'false' END"
+    for c in shown:
+        detail += f" || '; {c}=' || coalesce(printf('%.4f', {c}), 'NULL')"
+    extra = "".join(f", {c}" for c in shown)
     try:
         return con.sql(
             f"SELECT {keys}, '{stage}' AS stage, {names}[abs(fate)] AS reason, "
-            "CASE WHEN fate < 0 THEN 'null' ELSE 'false' END AS detail "
-            f"FROM (SELECT {keys}, {fate_sql(filters)} AS fate FROM pairs) "
+            f"{detail} AS detail "
+            f"FROM (SELECT {keys}{extra}, {fate_sql(filters)} AS fate FROM pairs) "
             "WHERE fate IS NOT NULL").to_arrow_table()
     except duckdb.Error as e:
         # The combined query failed at run time (a cast, a UDF): find the filter that fails.
@@ -256,8 +265,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         return {"filters": []}
     steps = progress(total=3, desc=f"{section}: load, filter, write", unit="step")
     names = pq.read_schema(ctx.input_path).names
+    needed = columns_needed(filters, names)
+    needed += [c for c in DETAIL_COLUMNS.get(section, ()) if c in names and c not in needed]
     sandbox = open_sandbox(ctx.cfg, {"pairs": ctx.input_path}, variables_of(ctx.cfg, section),
-                           columns={"pairs": columns_needed(filters, names)})
+                           columns={"pairs": needed})
     steps.update()
     dropped = apply_filters(sandbox, filters, section).select(["_row", "reason", "detail"])
     sandbox.close()
@@ -300,7 +311,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--build", required=True, help="the build YAML")
     p.add_argument("--stage", choices=FILTER_STAGES, default="text_filter",
                    help="run on this stage's input (default text_filter: the ingested pairs; "
-                   "image_filter: the crawled samples)")
+                   "image_filter: the crawled samples; clip_filter: the embedded pairs, with "
+                   "clip_score)")
     p.add_argument("-n", type=int, default=5, help="examples of each outcome (default 5)")
     return p
 

@@ -67,8 +67,15 @@ STAGES: list[StageSpec] = [
               lambda c: c.image_dedup.enabled),
     StageSpec(9, "decontaminate", "dedup.decontaminate", ("decontaminate",),
               lambda c: c.decontaminate.enabled and bool(c.decontaminate.eval_sets)),
-    StageSpec(10, "balance", "pipeline.balance", ("balance",), lambda c: c.balance.enabled),
-    StageSpec(11, "shard", "pipeline.shard", ("shard",)),
+    # Model-in-the-loop curation. The stage list names modules by string, so nothing of
+    # pipeline/ imports training/ (the embed stage lives beside the model code).
+    StageSpec(10, "embed", "training.embed", ("embed",), lambda c: bool(c.embed.checkpoint)),
+    StageSpec(11, "clip_filter", "pipeline.filter", ("clip_filter",),
+              lambda c: bool(c.embed.checkpoint) and bool(c.clip_filter.filters)),
+    StageSpec(12, "semantic_dedup", "dedup.semantic", ("semantic_dedup",),
+              lambda c: bool(c.embed.checkpoint) and c.semantic_dedup.enabled),
+    StageSpec(13, "balance", "pipeline.balance", ("balance",), lambda c: c.balance.enabled),
+    StageSpec(14, "shard", "pipeline.shard", ("shard",)),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 

@@ -43,7 +43,7 @@ def _check_build(y: Path) -> None:
     results = audit(cfg)
     # Every stage ran, and every row of every stage is accounted for.
     assert [a.folder for a in results][0] == "01_ingest"
-    assert results[-1].folder == "11_shard" and results[-1].kept > 0
+    assert results[-1].folder == "14_shard" and results[-1].kept > 0
     assert all(a.ok for a in results), [a.problems for a in results]
     # The injected faults end with their reasons, not as crashes or silent losses.
     reasons = {r for a in results for r in a.by_reason}
@@ -74,11 +74,11 @@ def test_demo_end_to_end_on_the_fixture(tmp_path: Path) -> None:
     _check_build(y)
     # A rerun finds every stage up to date and trains nothing again.
     cfg = load_build(y)
-    before = (cfg.run_dir / "11_shard" / "report.json").stat().st_mtime_ns
+    before = (cfg.run_dir / "14_shard" / "report.json").stat().st_mtime_ns
     raw = cfg.run_dir / "raw_crawl_shards"
     raw_before = (raw / "fingerprint").stat().st_mtime_ns
     assert demo_main(["--build", str(y), "--fixture-only"]) == 0
-    assert (cfg.run_dir / "11_shard" / "report.json").stat().st_mtime_ns == before
+    assert (cfg.run_dir / "14_shard" / "report.json").stat().st_mtime_ns == before
     assert (raw / "fingerprint").stat().st_mtime_ns == raw_before
     assert cli_main(["status", "--build", str(y), "--check"]) == 0  # nothing left to run
     _raw_baseline_ignores_the_order_of_the_crawl_tars(cfg)

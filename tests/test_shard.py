@@ -41,7 +41,7 @@ def test_shards_read_back_and_are_deterministic(tmp_path):
     samples = _samples(23)
     cfg, rows = _build(tmp_path / "a", "  samples_per_shard: 5\n  seed: 7\n", samples)
     report = run_stage(cfg, "shard", log=lambda s: None)
-    out = cfg.run_dir / "11_shard"
+    out = cfg.run_dir / "14_shard"
     tars = _tars(out)
     assert list(tars) == [f"shard-00000{i}.tar" for i in range(5)]
     assert json.loads((out / "sizes.json").read_text()) == {
@@ -83,18 +83,18 @@ def test_shards_read_back_and_are_deterministic(tmp_path):
     random.Random(3).shuffle(shuffled)
     mark_done(cfg_b, "image_dedup", shuffled)
     run_stage(cfg_b, "shard", log=lambda s: None)
-    assert _tars(cfg_b.run_dir / "11_shard") == tars
+    assert _tars(cfg_b.run_dir / "14_shard") == tars
     # another seed: another order
     cfg_c, _ = _build(tmp_path / "c", "  samples_per_shard: 5\n  seed: 8\n", samples)
     run_stage(cfg_c, "shard", log=lambda s: None)
-    assert _tars(cfg_c.run_dir / "11_shard") != tars
+    assert _tars(cfg_c.run_dir / "14_shard") != tars
 
 
 def test_upsampling_and_conservation(tmp_path):
     samples = _samples(7, seed=1) + [("f" * 32, "image lost from the tar", None)]
     cfg, _ = _build(tmp_path, "  samples_per_shard: 4\n  upsample: 3\n", samples)
     report = run_stage(cfg, "shard", log=lambda s: None)
-    out = cfg.run_dir / "11_shard"
+    out = cfg.run_dir / "14_shard"
     sizes = json.loads((out / "sizes.json").read_text())
     assert sum(sizes.values()) == 21 and len(sizes) == 6 and sizes["shard-000005.tar"] == 1
     keys = [s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in out.glob("*.tar")),
@@ -114,7 +114,7 @@ def test_empty_input_writes_no_shards(tmp_path):
     cfg, rows = _build(tmp_path, "  samples_per_shard: 4\n", _samples(2))
     mark_done(cfg, "image_dedup", [], template=rows[0])
     report = run_stage(cfg, "shard", log=lambda s: None)
-    out = cfg.run_dir / "11_shard"
+    out = cfg.run_dir / "14_shard"
     assert report["shards"] == 0 and report["kept"] == 0 and report["dropped"] == 0
     assert json.loads((out / "sizes.json").read_text()) == {}
     assert not list(out.glob("*.tar"))
@@ -159,9 +159,9 @@ def test_worker_threads_write_the_same_bytes(tmp_path):
     two, _ = _build(tmp_path / "two", "  samples_per_shard: 3\n  workers: 2\n", samples)
     assert run_stage(one, "shard", log=lambda s: None)["workers"] == 1
     assert run_stage(two, "shard", log=lambda s: None)["workers"] == 2
-    assert _tars(one.run_dir / "11_shard") == _tars(two.run_dir / "11_shard")
-    assert (read_parquet(one.run_dir / "11_shard" / "index.parquet")
-            == read_parquet(two.run_dir / "11_shard" / "index.parquet"))
+    assert _tars(one.run_dir / "14_shard") == _tars(two.run_dir / "14_shard")
+    assert (read_parquet(one.run_dir / "14_shard" / "index.parquet")
+            == read_parquet(two.run_dir / "14_shard" / "index.parquet"))
 
 
 def test_bulk_tar_headers_equal_tarfile():

@@ -1,7 +1,7 @@
 """Options of `witforge train`: a build's `train:` section, overridden by explicit flags.
 
 ``--build manifests/x.yaml`` reads TrainConfig (pipeline/config.py), trains on the build's shard
-folder (runs/<build>/11_shard/) and writes runs/<build>/train/; the eval sets of the build's
+folder (runs/<build>/14_shard/) and writes runs/<build>/train/; the eval sets of the build's
 ``eval:`` section are evaluated along the way. Without ``--build``, ``--train-data`` and
 ``--out`` say where.
 """

@@ -3,7 +3,7 @@
 Read top to bottom: options -> distributed setup -> model, optimizer, schedule -> resume ->
 loader -> the loop (accumulate, step, clamp, log, checkpoint, eval) -> final model and plot.
 
-Single process:  witforge train --train-data runs/demo/11_shard --model witforge-tiny --steps 50
+Single process:  witforge train --train-data runs/demo/14_shard --model witforge-tiny --steps 50
 Several (CPU, gloo; GPUs, NCCL):  torchrun --nproc_per_node 2 -m training.train --train-data ...
 """
 
