@@ -27,13 +27,17 @@ _MATCH_SQL = (Path(__file__).parent / "sql" / "decontaminate_match.sql").read_te
 
 
 def eval_tars(cfg: BuildConfig) -> list[tuple[str, Path, Path]]:
-    """(set name, set folder, tar) for every tar of every eval set, in a stable order."""
+    """(set name, set folder, tar) for every tar of every eval set's test split, in a stable
+    order. A set's train/ split (a linear probe's training images) is not what a model is
+    scored on, so training on such images is no contamination; a set laid out without
+    split folders has all its tars checked."""
     out = []
     for i, entry in enumerate(cfg.decontaminate.eval_sets):
         folder = cfg.resolve(entry)
         if not folder.is_dir():
             raise StageError(f"{cfg.path}: decontaminate.eval_sets[{i}]: {folder} is not a folder")
-        tars = sorted(folder.rglob("*.tar"))
+        tars = sorted((folder / "test").rglob("*.tar")) if (folder / "test").is_dir() else \
+            sorted(folder.rglob("*.tar"))
         if not tars:
             raise StageError(f"{cfg.path}: decontaminate.eval_sets[{i}]: no .tar files under "
                              f"{folder} (expected CLIP_benchmark's webdataset layout)")

@@ -122,12 +122,19 @@ def test_fashion_mnist_set_is_class_balanced_in_clip_benchmark_layout(tmp_path):
     _idx(root / "t10k-images-idx3-ubyte.gz", (n, 28, 28), bytes(range(256)) * (n * 784 // 256)
          + bytes(n * 784 % 256))
     _idx(root / "t10k-labels-idx1-ubyte.gz", (n,), labels)
-    out = evalsets.write_fashion_mnist(tmp_path / "set", n=20, root=root)
+    for part in ("images-idx3", "labels-idx1"):  # the train split: the same bytes here
+        (root / f"train-{part}-ubyte.gz").write_bytes((root / f"t10k-{part}-ubyte.gz")
+                                                      .read_bytes())
+    out = evalsets.write_fashion_mnist(tmp_path / "set", n=20, root=root, n_train=30)
     assert (out / "classnames.txt").read_text().splitlines()[0] == "T-shirt/top"
     samples = list(wds.WebDataset(str(out / "test" / "0.tar"), shardshuffle=False))
     assert len(samples) == 20
     assert sorted(int(s["cls"]) for s in samples) == sorted(list(range(10)) * 2)
     assert Image.open(__import__("io").BytesIO(samples[0]["png"])).size == (28, 28)
+    # the linear probe's train split, class-balanced too, from the train files
+    train = list(wds.WebDataset(str(out / "train" / "0.tar"), shardshuffle=False))
+    assert sorted(int(s["cls"]) for s in train) == sorted(list(range(10)) * 3)
+    assert all(s["__key__"].startswith("train_") for s in train)
     with pytest.raises(evalsets.EvalSetUnavailable, match="dataset-fashion-mnist"):
         evalsets.write_fashion_mnist(tmp_path / "x", root=tmp_path / "absent")
 
@@ -142,7 +149,7 @@ def test_pool_heldout_sets_only_use_heldout_images(tmp_path):
         (pool / f).write_bytes(jpeg(Image.new("RGB", (16, 16), (i * 8, 0, 0))))
         rows.append({"image_id": f"im{i}", "file": f, "caption": f"caption {i}",
                      "category": cat, "origin": cat.split("/")[0],
-                     "split": "heldout" if i < 24 else "web"})
+                     "split": "heldout" if i < 24 else "val" if i < 27 else "web"})
     pq.write_table(pa.Table.from_pylist(rows), pool / "pool.parquet")
     made = evalsets.write_demo_eval_sets(pool, tmp_path / "sets", fashion_n=10)
     cls_dir, ret_dir = made["demo_heldout_categories"], made["demo_heldout_retrieval"]
@@ -151,6 +158,11 @@ def test_pool_heldout_sets_only_use_heldout_images(tmp_path):
     keys = {s["__key__"] for s in wds.WebDataset(str(ret_dir / "test" / "0.tar"),
                                                  shardshuffle=False)}
     assert keys == {f"im{i}" for i in range(24)}  # held-out only
+    # the probe's train split: the pool's 'val' images (never served), same class ids
+    train = list(wds.WebDataset(str(cls_dir / "train" / "0.tar"), shardshuffle=False))
+    assert {s["__key__"] for s in train} == {"im24", "im25", "im26"}
+    names = (cls_dir / "classnames.txt").read_text().split("\n")
+    assert {names[int(s["cls"])] for s in train} == {"animal mammal", "food", "animals"}
     missing = json.loads((tmp_path / "sets" / "missing.json").read_text())
     assert ("fashion_mnist" in made) != ("fashion_mnist" in missing)
     # CLIP_benchmark's webdataset layout: a retrieval set says so (else it looks for .cls),

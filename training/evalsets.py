@@ -60,18 +60,18 @@ def _png(img: Image.Image) -> bytes:
 
 def _write_set(out: Path, samples: list[dict], classnames: list[str] | None = None,
                templates: list[str] | None = None, per_shard: int = 1000,
-               dataset_type: str | None = None) -> Path:
+               dataset_type: str | None = None, split: str = "test") -> Path:
     """CLIP_benchmark's webdataset layout: test/{0..n-1}.tar + nshards.txt, classnames.txt and
     zeroshot_classification_templates.txt for classification, dataset_type.txt = retrieval for
     retrieval sets (without it CLIP_benchmark reads a set as classification and looks for .cls)."""
-    (out / "test").mkdir(parents=True, exist_ok=True)
-    for old in (out / "test").glob("*.tar"):
+    (out / split).mkdir(parents=True, exist_ok=True)
+    for old in (out / split).glob("*.tar"):
         old.unlink()
     for i in range(0, len(samples), per_shard):
-        with wds.TarWriter(str(out / "test" / f"{i // per_shard}.tar")) as tw:
+        with wds.TarWriter(str(out / split / f"{i // per_shard}.tar")) as tw:
             for s in samples[i:i + per_shard]:
                 tw.write(s)
-    (out / "test" / "nshards.txt").write_text(f"{(len(samples) - 1) // per_shard + 1}\n")
+    (out / split / "nshards.txt").write_text(f"{(len(samples) - 1) // per_shard + 1}\n")
     if classnames is not None:
         (out / "classnames.txt").write_text("\n".join(classnames) + "\n")
     if templates is not None:
@@ -81,9 +81,10 @@ def _write_set(out: Path, samples: list[dict], classnames: list[str] | None = No
     return out
 
 
-def write_fashion_mnist(out: Path, n: int = 1000, root: Path = FASHION_ROOT) -> Path:
-    """Class-balanced first ``n`` images of the test split (t10k)."""
-    images_gz, labels_gz = root / "t10k-images-idx3-ubyte.gz", root / "t10k-labels-idx1-ubyte.gz"
+def _fashion_split(root: Path, prefix: str, n: int) -> list[dict]:
+    """Class-balanced first ``n`` images of a Fashion-MNIST file pair (t10k or train)."""
+    images_gz, labels_gz = root / f"{prefix}-images-idx3-ubyte.gz", \
+        root / f"{prefix}-labels-idx1-ubyte.gz"
     if not (images_gz.is_file() and labels_gz.is_file()):
         raise EvalSetUnavailable(f"Fashion-MNIST not found in {root}: install the Debian "
                                  "package dataset-fashion-mnist (apt-get install "
@@ -97,10 +98,21 @@ def write_fashion_mnist(out: Path, n: int = 1000, root: Path = FASHION_ROOT) -> 
             continue
         taken[c] += 1
         img = Image.frombytes("L", (w, h), pixels[i * h * w:(i + 1) * h * w])
-        samples.append({"__key__": f"t10k_{i:05d}", "png": _png(img), "cls": str(c)})
+        samples.append({"__key__": f"{prefix}_{i:05d}", "png": _png(img), "cls": str(c)})
         if len(samples) >= per_class * 10:
             break
-    return _write_set(out, samples, FASHION_CLASSES, OPENAI_TEMPLATES)
+    return samples
+
+
+def write_fashion_mnist(out: Path, n: int = 1000, root: Path = FASHION_ROOT,
+                        n_train: int = 2000) -> Path:
+    """test/: class-balanced first ``n`` images of the test split (t10k), for zero-shot and as
+    the linear probe's test set; train/: ``n_train`` of the train split, the probe's training
+    images (CLIP_benchmark's linear_probe reads the same two splits)."""
+    out = _write_set(out, _fashion_split(root, "t10k", n), FASHION_CLASSES, OPENAI_TEMPLATES)
+    if n_train:
+        _write_set(out, _fashion_split(root, "train", n_train), split="train")
+    return out
 
 
 def _classname(category: str) -> str:
@@ -110,11 +122,13 @@ def _classname(category: str) -> str:
 
 def write_pool_sets(pool_dir: Path, out_dir: Path, min_per_class: int = 5,
                     max_per_class: int = 50, max_pairs: int = 500) -> dict[str, Path]:
-    """Classification-by-category and retrieval sets from the pool's held-out split."""
+    """Classification-by-category and retrieval sets from the pool's held-out split (test/);
+    when the pool also has a 'val' split (never served either), its images of the same
+    categories are the category set's train/ split, for the linear probe."""
     table = pq.read_table(pool_dir / "pool.parquet",
                           columns=["image_id", "file", "caption", "category", "split"])
-    rows = sorted((r for r in table.to_pylist() if r["split"] == "heldout"),
-                  key=lambda r: r["image_id"])
+    every = sorted(table.to_pylist(), key=lambda r: r["image_id"])
+    rows = [r for r in every if r["split"] == "heldout"]
     if not rows:
         raise EvalSetUnavailable(f"{pool_dir}/pool.parquet has no held-out images")
 
@@ -137,6 +151,16 @@ def write_pool_sets(pool_dir: Path, out_dir: Path, min_per_class: int = 5,
     if len(classnames) >= 2:
         out["demo_heldout_categories"] = _write_set(
             out_dir / "demo_heldout_categories", cls_samples, classnames, OPENAI_TEMPLATES)
+        index = {c: i for i, c in enumerate(classnames)}
+        train, per = [], defaultdict(int)
+        for r in every:
+            c = _classname(r["category"])
+            if r["split"] == "val" and c in index and per[c] < max_per_class:
+                per[c] += 1
+                ext, data = image_bytes(r)
+                train.append({"__key__": r["image_id"], ext: data, "cls": str(index[c])})
+        if train:
+            _write_set(out["demo_heldout_categories"], train, split="train")
     pairs = []
     for r in rows[:max_pairs]:
         ext, data = image_bytes(r)

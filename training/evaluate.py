@@ -72,10 +72,11 @@ def retrieval_metrics(sim: torch.Tensor, text_to_image: torch.Tensor,
 
 
 # -- reading eval sets ------------------------------------------------------------------------
-def _samples(set_dir: Path) -> Iterator[dict]:
-    tars = sorted((set_dir / "test").glob("*.tar"))
+def samples_of(set_dir: Path, split: str = "test") -> Iterator[dict]:
+    """The samples of one split (``<set>/<split>/*.tar``), in tar order."""
+    tars = sorted((set_dir / split).glob("*.tar"))
     if not tars:
-        raise ValueError(f"{set_dir}: no test/*.tar (expected CLIP_benchmark's layout)")
+        raise ValueError(f"{set_dir}: no {split}/*.tar (expected CLIP_benchmark's layout)")
     def raise_error(exn: Exception) -> bool:
         raise ValueError(f"{set_dir}: unreadable eval shard: {exn}") from exn
     files = tar_file_expander(url_opener([{"url": str(t)} for t in tars], handler=raise_error),
@@ -127,7 +128,7 @@ def zero_shot(model, preprocess, tokenizer, set_dir: Path, templates: str = "ope
     classifier = build_zero_shot_classifier(model, tokenizer, classnames, prompts,
                                             device=device).float().cpu()
     feats, labels, batch = [], [], []
-    for s in _samples(set_dir):
+    for s in samples_of(set_dir):
         if "cls" not in s:
             raise ValueError(f"{set_dir}: sample {s['__key__']} has no .cls label")
         batch.append(_image(s, set_dir))
@@ -161,7 +162,7 @@ def retrieval(model, preprocess, tokenizer, set_dir: Path, device="cpu",
             texts.clear()
 
     n_images = 0
-    for s in _samples(set_dir):
+    for s in samples_of(set_dir):
         captions = [c for c in s.get("txt", b"").decode("utf-8").splitlines() if c.strip()]
         if not captions:
             raise ValueError(f"{set_dir}: sample {s['__key__']} has no caption (.txt)")
