@@ -3,6 +3,7 @@
 #   make test                 the test suite (what CI runs)
 #   make <stage> BUILD=manifests/<name>.yaml   one stage of a build
 #   make status  BUILD=manifests/<name>.yaml   which stages would run next, and why
+#   make experiment           raw vs curated vs every ablation, 3 seeds (runs/demo/compare/)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -14,12 +15,12 @@ export WANDB_MODE := disabled
 export HF_HUB_OFFLINE := 1
 
 STAGES := ingest text_filter url_dedup precrawl_balance robots crawl image_filter image_dedup \
-          decontaminate balance shard
+          decontaminate embed clip_filter semantic_dedup balance shard
 
-.PHONY: help venv demo demo-data test test-slow bench lint lock audit status run train evaluate clean $(STAGES)
+.PHONY: help venv demo demo-data experiment test test-slow bench lint lock audit status run train evaluate clean $(STAGES)
 
 help:
-	@sed -n '1,5p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
 	@echo "stage targets: $(STAGES) run status train evaluate audit; bench lint clean"
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
@@ -37,6 +38,11 @@ demo-data: $(STAMP)
 
 demo: $(STAMP)
 	$(WF) demo --build $(BUILD)
+
+# The seeded comparison: the demo build's data stages (no training), then every arm x seed.
+experiment: $(STAMP)
+	$(WF) demo --build $(BUILD) --no-train
+	$(WF) compare --build $(BUILD) --seeds 3 --ablate all
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --durations=15

@@ -28,6 +28,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "train": ("training.train", "train a CLIP model on a build's shards"),
     "evaluate": ("training.evaluate", "zero-shot and retrieval evaluation of a checkpoint"),
     "classify": ("training.classify", "label probabilities for images, like CLIP's README"),
+    "compare": ("training.compare", "raw vs curated vs ablations at equal compute, with seeds"),
 }
 
 STAGE_HELP = {

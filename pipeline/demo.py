@@ -136,6 +136,18 @@ def serving_demo_web(cfg: BuildConfig) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def compare_context(cfg: BuildConfig) -> Iterator[None]:
+    """What `witforge compare` needs around it: on a demo build, the demo's settings and its web
+    (the raw arm crawls the rows curation dropped before the crawl); elsewhere nothing."""
+    if not cfg.demo_web:
+        yield
+        return
+    apply_demo_settings(cfg)
+    with serving_demo_web(cfg):
+        yield
+
+
 def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True,
              fixture_only: bool = False) -> int:
     from pipeline.demoweb.manifests import write_manifests
@@ -164,11 +176,12 @@ def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True,
             run_stage(cfg, spec.name, explain=changes)
             if spec.name == until:
                 break
-    ok = print_audit(cfg)
-    if train and until is None:
-        from training.demo import train_and_evaluate
+        ok = print_audit(cfg)
+        if train and until is None:
+            # inside the web: the raw arm crawls the rows curation dropped before the crawl
+            from training.demo import train_and_evaluate
 
-        train_and_evaluate(cfg, data_dir)
+            train_and_evaluate(cfg, data_dir)
     print(f"\nmake demo finished in {time.time() - t0:.0f}s; outputs under {cfg.run_dir}")
     lines = missing_lines(still_missing)
     if fixture_only:

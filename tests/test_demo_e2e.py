@@ -15,13 +15,14 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from pipeline.arms import arm_config, run_arm
 from pipeline.cli import main as cli_main
 from pipeline.config import BuildConfig, load_build
 from pipeline.crawl import image_tar
+from pipeline.demo import apply_demo_settings
 from pipeline.demo import main as demo_main
 from pipeline.ledger import audit
-from pipeline.stage import kept_of
-from training.demo import raw_crawl_shards
+from pipeline.stage import get_spec, kept_of, stage_dir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,13 +60,27 @@ def _check_build(y: Path) -> None:
         GROUP BY 1""").fetchall())
     assert by_split.get("web", 0) > 0 and by_split.get("heldout", 0) == 0
     summary = json.loads((cfg.run_dir / "eval" / "summary.json").read_text())
-    assert set(summary["results"]) == {"curated", "raw_crawl"}
-    assert summary["samples_seen"]["curated"] == summary["samples_seen"]["raw_crawl"] > 0
-    for runs in summary["results"].values():
-        for r in runs:
-            assert r["task"] in ("zeroshot_classification", "zeroshot_retrieval")
+    arms = summary["summary"]["arms"]
+    assert set(arms) == {"curated", "raw"} and summary["samples_seen"] > 0
+    # equal samples seen, whatever each arm holds; raw holds every crawled row, curation less
+    assert arms["raw"]["samples"] > arms["curated"]["samples"] > 0
+    for scores in summary["runs"].values():
+        for per_seed in scores.values():
+            assert any(k.endswith("/t2i_R@5") for k in per_seed)
+            assert any(k.endswith("/zeroshot_top1") for k in per_seed)
+    # the raw arm crawled what curation dropped before the crawl: the rows text_filter and
+    # url_dedup dropped (robots still applies) came in one more crawl attempt
+    raw = arm_config(cfg, "raw")
+    raw_crawl = json.loads((stage_dir(raw, get_spec("crawl")) / "report.json").read_text())
+    filtered = sum(json.loads((stage_dir(cfg, get_spec(s)) / "report.json").read_text())
+                   ["dropped"] for s in ("text_filter", "url_dedup"))
+    assert raw_crawl["rows_in"] >= filtered + json.loads(
+        (stage_dir(cfg, get_spec("crawl")) / "report.json").read_text())["rows_in"] - 5
+    assert raw_crawl["attempts"] == 2
     assert (cfg.run_dir / "train" / "model.pt").is_file()
-    assert (cfg.run_dir / "eval" / "summary.md").read_text().startswith("| eval set")
+    assert (cfg.run_dir / "train_raw" / "model.pt").is_file()
+    md = (cfg.run_dir / "eval" / "summary.md").read_text()
+    assert md.startswith("| metric") and "One seed is not evidence" in md
 
 
 def test_demo_end_to_end_on_the_fixture(tmp_path: Path) -> None:
@@ -75,11 +90,11 @@ def test_demo_end_to_end_on_the_fixture(tmp_path: Path) -> None:
     # A rerun finds every stage up to date and trains nothing again.
     cfg = load_build(y)
     before = (cfg.run_dir / "14_shard" / "report.json").stat().st_mtime_ns
-    raw = cfg.run_dir / "raw_crawl_shards"
-    raw_before = (raw / "fingerprint").stat().st_mtime_ns
+    raw = stage_dir(arm_config(cfg, "raw"), get_spec("shard"))
+    raw_before = (raw / "report.json").stat().st_mtime_ns
     assert demo_main(["--build", str(y), "--fixture-only"]) == 0
     assert (cfg.run_dir / "14_shard" / "report.json").stat().st_mtime_ns == before
-    assert (raw / "fingerprint").stat().st_mtime_ns == raw_before
+    assert (raw / "report.json").stat().st_mtime_ns == raw_before
     assert cli_main(["status", "--build", str(y), "--check"]) == 0  # nothing left to run
     _raw_baseline_ignores_the_order_of_the_crawl_tars(cfg)
     # A single stage of the demo build, outside `witforge demo`, serves the demo web again
@@ -97,22 +112,29 @@ def _shard_hashes(folder: Path) -> list[tuple[str, str]]:
 
 
 def _raw_baseline_ignores_the_order_of_the_crawl_tars(cfg: BuildConfig) -> None:
-    """The raw column trains on every crawled image, re-sharded with the build's seed, so the
-    order in which img2dataset's threads wrote a tar does not change the baseline."""
-    raw, _ = raw_crawl_shards(cfg)
-    hashes = _shard_hashes(raw)
-    crawled = duckdb.sql(f"SELECT count(*) FROM '{kept_of(cfg, 'crawl')}'").fetchall()[0][0]
-    assert sum(json.loads((raw / "sizes.json").read_text()).values()) == crawled
-    tars = duckdb.sql(f"SELECT DISTINCT tar FROM '{kept_of(cfg, 'crawl')}'").fetchall()
+    """The raw arm trains on every crawled image sharded by the shard stage's writer with the
+    build's seed, so the order in which img2dataset's threads wrote a tar does not change it."""
+    apply_demo_settings(cfg)  # as every command on a demo build (the eval sets made here)
+    raw = arm_config(cfg, "raw")
+    shards = stage_dir(raw, get_spec("shard"))
+    hashes = _shard_hashes(shards)
+    crawled = duckdb.sql(f"SELECT count(*) FROM '{kept_of(raw, 'crawl')}'").fetchall()[0][0]
+    kept = duckdb.sql(f"SELECT count(*) FROM '{kept_of(raw, 'shard')}'").fetchall()[0][0]
+    assert sum(json.loads((shards / "sizes.json").read_text()).values()) == kept
+    assert crawled - kept == json.loads((stage_dir(raw, get_spec("decontaminate"))
+                                         / "report.json").read_text())["dropped"]
+    tars = duckdb.sql(f"SELECT DISTINCT tar FROM '{kept_of(raw, 'crawl')}'").fetchall()
     for (t,) in tars:  # the same members, written in the opposite order
-        path = image_tar(cfg, t)
+        path = image_tar(raw, t)
         with tarfile.open(path) as src:
             members = [(m, src.extractfile(m).read()) for m in src.getmembers() if m.isfile()]
+        path.unlink()  # a hard link to the build's own tar: write a new file
         with tarfile.open(path, "w") as dst:
             for m, data in reversed(members):
                 dst.addfile(m, io.BytesIO(data))
-    (raw / "fingerprint").unlink()
-    assert _shard_hashes(raw_crawl_shards(cfg)[0]) == hashes
+    shutil.rmtree(shards)
+    run_arm(cfg, "raw", [cfg], log=lambda s: None)
+    assert _shard_hashes(stage_dir(raw, get_spec("shard"))) == hashes
 
 
 @pytest.mark.slow
