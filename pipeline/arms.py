@@ -87,6 +87,8 @@ def arm_config(cfg: BuildConfig, arm: str) -> BuildConfig:
         raise ValueError(f"unknown arm {arm!r} (arms: {', '.join(ARMS)})")
     c = copy.deepcopy(cfg)
     ARMS[arm](c)
+    if not c.clip_filter.filters and not c.semantic_dedup.enabled:
+        c.embed.checkpoint = ""  # nothing of the arm reads embeddings: no embed stage
     c.name, c.runs_dir = arm, str(arms_dir(cfg))
     return c
 
