@@ -217,7 +217,7 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     keep: int = 2  # step checkpoints kept in runs/<build>/train/checkpoints/
-    resampled: bool = True  # draw shards with replacement; false = passes over the shards
+    resampled: bool = True  # rounds of all shards per loader process; false = shared passes
     shuffle_buffer: int = 1000
     eval_every: int = 0  # 0 = only at the end when eval sets are configured
     threads: int = 0  # torch threads per process (0 = torch's default)

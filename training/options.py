@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     a("--resume", help="'latest' or a checkpoint path; continues step, optimizer and data")
     a("--stop-at", type=int, help="stop after this step without changing the schedule")
     a("--no-resampled", dest="resampled", action="store_false", default=None,
-      help="epoch mode: passes over the shards instead of drawing shards with replacement")
+      help="epoch mode: passes over the shards instead of independent rounds of all shards "
+           "per loader process")
     a("--shuffle-buffer", type=int, help="samples in each shuffle buffer (0 = keep order)")
     a("--split", choices=["auto", "shard", "sample"],
       help="split the data across ranks/workers by shard or by sample")
