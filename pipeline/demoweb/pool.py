@@ -8,6 +8,8 @@ Output: <out>/pool/images/<image_id>.<png|jpg>, <out>/pool/pool.parquet (image_i
 caption, category, origin, split, license, width, height, sha256) and settings.json. About 10%
 of the images (by a hash of image_id) are split='heldout': the demo web never serves them.
 Without the packages (and without root to install them) the pool is the committed fixture.
+By default the pool is every usable image of the packages (~9,460). `write_manifests` later
+adds near-duplicate copies and placeholders under <out>/pool/derived/ (+ derived.parquet).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from pipeline.demoweb.sources import Candidate
 from pipeline.progress import progress
 
 FIXTURE_DIR = Path(__file__).parent / "fixture"
-# ~3,300 images -> ~3,000 served: the demo crawl then takes a minute or two on 2 cores.
-DEFAULT_MAX_IMAGES = 3300
+# Above the ~9,600 candidates of the Debian packages: the default pool is all of them (~9,460
+# render; openclipart posters over 40 Mpixel and emoji the font cannot draw are left out).
+DEFAULT_MAX_IMAGES = 20000
 DEFAULT_MAX_SIDE = 256
 HELDOUT_PERCENT = 10
 IMAGE_PART = next(p for p in PARTS if p.name == "images")

@@ -11,7 +11,11 @@ URL space (<id> may carry its extension, e.g. /f/slow/oc-1234.png):
   /f/noai/<id>          the image with `X-Robots-Tag: noai`
   /r/<id>               302 to /img/<id>.<ext>
   /loop/a/<id> <-> /loop/b/<id>   a redirect loop
-  /alias/<n>/<id>       the same image under another URL
+  /alias/<n>/<id>       the same image under another URL (exact-byte aliases)
+  /p/<n>/<id>           the same image under another URL (a popular category's repost)
+  /img/dv-<hash>.jpg    a near-duplicate copy of a pool image (derived.parquet, noise.py)
+  /media/<id>           a placeholder image ("image not found", "no photo", a tiny flag)
+                        instead of the image: one of three, by a hash of <id>
   /robots.txt           User-agent: * / Disallow: /private/
   /private/<id>         the image (only robots.txt forbids it)
 Held-out images (split='heldout') are never served: 404 like unknown ids.
@@ -32,15 +36,19 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.demoweb import noise
+
 CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
 ROBOTS_TXT = b"User-agent: *\nDisallow: /private/\n"
 DEFAULT_SLOW_SECONDS = 8.0
 
 
 class _Pool:
-    """The servable images: id -> (path, ext); bytes are read per request (small files)."""
+    """The servable images: id -> path (pool images of the web split, and the near-duplicate
+    copies in derived.parquet); bytes are read per request (small files)."""
 
     def __init__(self, pool_dir: Path):
+        self.pool_dir = pool_dir
         table = pq.read_table(pool_dir / "pool.parquet", columns=["image_id", "file", "split"])
         self.files: dict[str, Path] = {}
         for image_id, file, split in zip(*(table.column(c).to_pylist()
@@ -49,12 +57,37 @@ class _Pool:
                 self.files[image_id] = pool_dir / file
         if not self.files:
             raise ValueError(f"{pool_dir / 'pool.parquet'}: no images with split='web'")
+        self.web_ids = set(self.files)
+        self.placeholders = noise.placeholder_images()
         self._jpeg_cache: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        self._derived_stamp: tuple[int, int] | None = None
+        self._load_derived()
+
+    def _load_derived(self) -> None:
+        """(Re)read derived.parquet if it changed: manifests written while the web runs add
+        copies to it."""
+        path = self.pool_dir / "derived.parquet"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return
+        if (st.st_mtime_ns, st.st_size) == self._derived_stamp:
+            return
+        table = pq.read_table(path, columns=["image_id", "file", "transform"])
+        for image_id, file, transform in zip(*(table.column(c).to_pylist() for c in (
+                "image_id", "file", "transform")), strict=True):
+            if transform != "placeholder":  # placeholders are served only under /media/
+                self.files[image_id] = self.pool_dir / file
+        self._derived_stamp = (st.st_mtime_ns, st.st_size)
 
     def lookup(self, ref: str) -> tuple[str, Path] | None:
         image_id = ref.rsplit(".", 1)[0] if ref.rsplit(".", 1)[-1] in CONTENT_TYPES else ref
         path = self.files.get(image_id)
+        if path is None and image_id.startswith("dv-"):
+            with self._lock:
+                self._load_derived()
+            path = self.files.get(image_id)
         return None if path is None else (image_id, path)
 
     def as_jpeg(self, image_id: str) -> bytes:
@@ -127,8 +160,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._not_found(head)
         image_id, file = found
         kind = parts[:-1]
-        if kind in (["img"], ["private"]) or (len(kind) == 2 and kind[0] == "alias"):
+        if kind in (["img"], ["private"]) or (len(kind) == 2 and kind[0] in ("alias", "p")):
             return self._image(file, head)
+        if kind == ["media"] and image_id in self.server.pool.web_ids:
+            # the lost picture's placeholder: the same bytes for every image that maps to it
+            body = self.server.pool.placeholders[noise.placeholder_of(image_id)]
+            return self._send(200, body, "image/png", head)
         if kind == ["r"]:
             return self._redirect(f"/img/{file.name}")
         if kind in (["loop", "a"], ["loop", "b"]):
@@ -292,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="witforge demo-web",
         description="Serve the demo pool's web split on 127.0.0.1 with injected faults "
         "(/img, /f/404, /f/500, /f/slow, /f/reset, /f/truncated, /f/html, /f/noai, /r, /loop, "
-        "/alias, /private, /robots.txt) until Ctrl-C.")
+        "/alias, /p, /media, /private, /robots.txt) until Ctrl-C.")
     p.add_argument("--pool", type=Path, default=Path("demo_data/pool"),
                    help="pool folder from `witforge demo-data` (default %(default)s)")
     p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
@@ -305,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"{args.pool / 'pool.parquet'} not found: run `witforge demo-data` "
                           "first (or pass --pool)")
     with DemoWeb(args.pool, port=args.port, slow_seconds=args.slow_seconds) as web:
-        print(f"demo web serving {len(web._server.pool.files)} images at {web.base_url} "
+        pool = web._server.pool
+        print(f"demo web serving {len(pool.web_ids)} images (+{len(pool.files) - len(pool.web_ids)}"
+              f" near-duplicate copies) at {web.base_url} "
               "(Ctrl-C to stop)", flush=True)
         try:
             while True:

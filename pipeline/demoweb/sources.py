@@ -214,10 +214,14 @@ def render(c: Candidate, max_side: int, font_path: Path = EMOJI_FONT) -> tuple[b
             return None
     else:
         with warnings.catch_warnings():
-            # a few openclipart PNGs are 100-170 Mpixel posters: decoding one takes seconds
-            # and ~700 MB for a 256 px thumbnail; they are left out (PIL warns on them too)
+            # a few openclipart PNGs are 100-620 Mpixel posters: decoding one takes seconds
+            # and ~700 MB for a 256 px thumbnail; they are left out (PIL warns on them, and
+            # refuses to open those over 2x its limit)
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            src = Image.open(c.src)
+            try:
+                src = Image.open(c.src)
+            except Image.DecompressionBombError:  # over 2x PIL's limit: it refuses to open
+                return None
         with src:
             if src.width * src.height > MAX_SOURCE_PIXELS:
                 return None
