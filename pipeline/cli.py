@@ -29,6 +29,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.evaluate", "zero-shot and retrieval evaluation of a checkpoint"),
     "classify": ("training.classify", "label probabilities for images, like CLIP's README"),
     "compare": ("training.compare", "raw vs curated vs ablations at equal compute, with seeds"),
+    "card": ("pages.card", "write the build's HTML data card (runs/<build>/card/index.html)"),
 }
 
 STAGE_HELP = {
@@ -150,7 +151,12 @@ def _run_stages(cfg: BuildConfig, args: argparse.Namespace) -> int:
                 break
         from pipeline import ledger
 
-        return 0 if ledger.print_audit(cfg) else 1
+        ok = ledger.print_audit(cfg)
+        if args.until is None:  # a full run ends with its data card (pages/, the top floor)
+            from pages.card import write_card
+
+            write_card(cfg)
+        return 0 if ok else 1
     options = {"retry_failed": getattr(args, "retry_failed", False)}
     run_stage(cfg, args.command, force=args.force, options=options, explain=status.changes)
     return 0
