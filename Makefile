@@ -4,6 +4,7 @@
 #   make <stage> BUILD=manifests/<name>.yaml   one stage of a build
 #   make status  BUILD=manifests/<name>.yaml   which stages would run next, and why
 #   make experiment           raw vs curated vs every ablation, 3 seeds (runs/demo/compare/)
+#   make card    BUILD=manifests/<name>.yaml   the build's HTML data card (runs/<name>/card/)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -17,11 +18,11 @@ export HF_HUB_OFFLINE := 1
 STAGES := ingest text_filter url_dedup precrawl_balance robots crawl image_filter image_dedup \
           decontaminate embed clip_filter semantic_dedup balance shard
 
-.PHONY: help venv demo demo-data experiment test test-slow bench lint lock audit status run train evaluate clean $(STAGES)
+.PHONY: help venv demo demo-data experiment test test-slow bench lint lock audit status run train evaluate card clean $(STAGES)
 
 help:
-	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
-	@echo "stage targets: $(STAGES) run status train evaluate audit; bench lint clean"
+	@sed -n '1,7p' Makefile | sed 's/^# \{0,1\}//'
+	@echo "stage targets: $(STAGES) run status train evaluate audit card; bench lint clean"
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,7 +45,9 @@ experiment: $(STAMP)
 	$(WF) demo --build $(BUILD) --no-train
 	$(WF) compare --build $(BUILD) --seeds 3 --ablate all
 
+# the page tests drive Debian's chromium + chromium-driver: installed here when missing (as root)
 test: $(STAMP)
+	$(PY) -c "from pages.browser import ensure_chromium; ensure_chromium()"
 	$(PY) -m pytest -q -m "not slow" --durations=15
 
 test-slow: $(STAMP)
@@ -59,7 +62,7 @@ lint: $(STAMP)
 $(STAGES): $(STAMP)
 	$(WF) $@ --build $(BUILD) $(ARGS)
 
-run status audit train evaluate: $(STAMP)
+run status audit train evaluate card: $(STAMP)
 	$(WF) $@ --build $(BUILD) $(ARGS)
 
 # constraints.txt pins every package of .venv: after editing requirements.txt, regenerate it
