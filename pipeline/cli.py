@@ -29,6 +29,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.evaluate", "zero-shot and retrieval evaluation of a checkpoint"),
     "classify": ("training.classify", "label probabilities for images, like CLIP's README"),
     "compare": ("training.compare", "raw vs curated vs ablations at equal compute, with seeds"),
+    "search": ("pages.search", "search page + clip-retrieval knn API over a build's embeddings"),
     "card": ("pages.card", "write the build's HTML data card (runs/<build>/card/index.html)"),
 }
 

@@ -44,7 +44,10 @@ def peer_python(name: str, log=print) -> Path:
     if not python.is_file():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    r = subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(req)],
+    # a line "#!pip --no-deps" adds pip options (requirements files cannot say --no-deps)
+    opts = [o for line in req.read_text().splitlines() if line.startswith("#!pip ")
+            for o in line.removeprefix("#!pip ").split()]
+    r = subprocess.run([str(python), "-m", "pip", "install", "-q", *opts, "-r", str(req)],
                        env=env, capture_output=True, text=True)
     if r.returncode != 0:
         tail = "\n".join(r.stderr.strip().splitlines()[-5:])
