@@ -104,14 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     from pipeline.config import load_build
     from pipeline.demoweb.manifests import write_manifests
-    from pipeline.demoweb.pool import FIXTURE_DIR, assemble_pool
+    from pipeline.demoweb.pool import assemble_pool
     from pipeline.demoweb.server import DemoWeb
     from pipeline.guard.hostile import HostileServer
     from pipeline.stage import run_stage
 
     repeats = args.repeats or (1 if args.quick else 2)
     work = DATA / ("quick" if args.quick else "full")
-    pool = FIXTURE_DIR if args.quick else assemble_pool(DATA / "pool")
+    # the manifests add derived copies to the pool folder: quick mode crawls a copy of the fixture
+    pool = (assemble_pool(DATA / "quick_pool", prefer_system=False) if args.quick
+            else assemble_pool(DATA / "pool"))
     per_shard = 100 if args.quick else 500
     deadline = 3.0  # = img2dataset's timeout alone, so slow URLs end at the same time
     quiet = {"log": lambda s: None}

@@ -154,6 +154,7 @@ def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True,
     from pipeline.demoweb.packages import ensure_installed, missing_lines
     from pipeline.demoweb.pool import assemble_pool
     from pipeline.demoweb.server import DemoWeb
+    from pipeline.truth_report import truth_path, write_report, write_truth
 
     t0 = time.time()
     data_dir = data_dir_for(cfg)
@@ -168,6 +169,9 @@ def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True,
         with tempfile.TemporaryDirectory() as tmp:
             write_manifests(pool_dir, web.base_url, Path(tmp))
             _write_if_changed(Path(tmp), data_dir / "manifests")
+        manifest_truth = data_dir / "manifests" / "truth.parquet"
+        if manifest_truth.is_file():  # what every row is: the bootstrap's AUC, the truth report
+            write_truth(manifest_truth, truth_path(cfg))
         (data_dir / "manifests" / "web.json").write_text(
             json.dumps({"base_url": web.base_url, "port": web.port}))
         # The demo web is on loopback: let exactly its host:port through the crawl guard.
@@ -177,11 +181,20 @@ def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True,
             if spec.name == until:
                 break
         ok = print_audit(cfg)
+        truth_md = write_report(cfg)
+        if truth_md is not None:
+            print(f"\ncuration against the demo web's truth ({truth_md}):\n"
+                  + truth_md.read_text().split("\n", 2)[2])
         if train and until is None:
             # inside the web: the raw arm crawls the rows curation dropped before the crawl
             from training.demo import train_and_evaluate
 
             train_and_evaluate(cfg, data_dir)
+    if until is None:
+        # after training: a card that fails (loudly) loses none of the results above
+        from pages.card import write_card
+
+        write_card(cfg)
     print(f"\nmake demo finished in {time.time() - t0:.0f}s; outputs under {cfg.run_dir}")
     lines = missing_lines(still_missing)
     if fixture_only:

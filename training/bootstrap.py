@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from pipeline import shard
 from pipeline.config import BuildConfig
 from pipeline.stage import StageContext, get_spec
+from pipeline.truth_report import truth_path
 from training.embed import (
     Embedder,
     Row,
@@ -96,10 +97,6 @@ def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float | None:
     ranks = rank_normalise(both) * (len(both) - 1) + 1  # average ranks, 1-based
     u = ranks[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
     return float(u / (len(positive) * len(negative)))
-
-
-def truth_path(cfg: BuildConfig) -> Path:
-    return cfg.run_dir / "truth.parquet"
 
 
 def truth_for(cfg: BuildConfig) -> dict[str, str] | None:

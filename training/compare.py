@@ -276,6 +276,23 @@ def plot(summary: dict[str, Any], png: Path) -> Path:
     return png
 
 
+def truth_section(cfg: BuildConfig, arms: list[str]) -> str:
+    """Where the build has a truth table (the demo web): what each arm's shards hold, kind by
+    kind, and what each curation step of the build dropped; empty otherwise."""
+    from pipeline.arms import arm_config
+    from pipeline.truth_report import arms_markdown, curation_truth, markdown, truth_path
+
+    build = curation_truth(cfg)
+    if build is None:
+        return ""
+    reports = {a: (build if a == "curated" else curation_truth(arm_config(cfg, a),
+                                                             truth_path(cfg)))
+               for a in arms}
+    return ("\n## What the shards hold, against the demo web's truth\n\n"
+            + arms_markdown({a: r for a, r in reports.items() if r is not None})
+            + "\n## Each curation step of the build, against the truth\n\n" + markdown(build))
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.arms import ABLATIONS, ablations_of
     from pipeline.config import load_build
@@ -306,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"batch {payload['batch_size']} = {payload['samples_seen']:,} samples seen; "
                   "(diff, z) = the paired difference to raw over seeds and its z against the "
                   "seed spread.")
+    md += "\n" + truth_section(cfg, payload["arms"])
     (out / "compare.md").write_text(md + "\n")
     print(md)
     print(f"(written to {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'})")

@@ -335,7 +335,7 @@ def fingerprint_inputs(cfg: BuildConfig, spec: StageSpec) -> dict[str, Any]:
     if e.model.endswith(".json"):
         out["model_config"] = _file_stat(cfg.resolve(e.model))
     if e.checkpoint == BOOTSTRAP:
-        from training.bootstrap import truth_path
+        from pipeline.truth_report import truth_path
 
         out["truth"] = _file_stat(truth_path(cfg))
     elif e.checkpoint:
