@@ -221,6 +221,8 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     eval_every: int = 0  # 0 = only at the end when eval sets are configured
     threads: int = 0  # torch threads per process (0 = torch's default)
+    grad_checkpointing: bool = False  # recompute transformer blocks in backward (less memory)
+    patch_dropout: float = 0.0  # FLIP: fraction of image patches dropped while training
 
 
 @dataclass
@@ -432,6 +434,9 @@ def _validate(cfg: BuildConfig) -> None:
         fail("train.loss", "must be clip or siglip")
     if cfg.train.precision not in ("fp32", "bf16", "fp16", "amp", "amp_bf16"):
         fail("train.precision", "must be fp32, bf16 or fp16 (fp16 needs a CUDA device)")
+    if not 0 <= cfg.train.patch_dropout < 1:
+        fail("train.patch_dropout", f"must be in [0, 1) (the fraction of image patches "
+             f"dropped), not {cfg.train.patch_dropout:g}")
     if cfg.eval.templates not in ("openai", "simple", "dataset"):
         fail("eval.templates", "must be openai, simple or dataset")
     e = cfg.embed

@@ -5,6 +5,9 @@ loader -> the loop (accumulate, step, clamp, log, checkpoint, eval) -> final mod
 
 Single process:  witforge train --train-data runs/demo/14_shard --model witforge-tiny --steps 50
 Several (CPU, gloo; GPUs, NCCL):  torchrun --nproc_per_node 2 -m training.train --train-data ...
+Several machines: torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint
+  HOST:PORT ... on each (recipes/slurm_train.sbatch); the global rank picks the data, only
+  global rank 0 writes (training/distributed.py).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,9 +25,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from open_clip.loss import ClipLoss, SigLipLoss
+from open_clip.transformer import PatchDropout
 
 from pipeline.progress import progress
 from training import checkpoint as ckpt
+from training import distributed
 from training.data import LoaderConfig, LoaderPosition, make_loader, steps_per_epoch
 from training.model import create
 from training.options import TrainOptions, parse_options
@@ -130,30 +134,42 @@ def batch_fingerprint(keys: list[str]) -> str:
     return hashlib.sha1("\n".join(keys).encode()).hexdigest()[:12]
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one rank's optimizer step: random draws inside the forward pass
+    (patch dropout's kept patches) are a function of (seed, rank, step), so a resumed run,
+    or the same ranks on another machine layout, draws what the uninterrupted run drew."""
+    h = hashlib.sha256(f"{seed}:train-step:{rank}:{step}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def build_model(o: TrainOptions, device: torch.device):
+    """(model, train preprocess, eval preprocess, tokenizer) with the memory and compute
+    savers open_clip users train big models with: gradient checkpointing (recompute each
+    transformer block's activations in the backward pass instead of keeping them) and FLIP
+    patch dropout (open_clip's vision_cfg.patch_dropout: the ViT sees a random
+    1 - patch_dropout of its patches while training; model.eval() sees them all)."""
+    model, train_pre, eval_pre, tokenizer = create(o.model, loss=o.loss, device=device,
+                                                   patch_dropout=o.patch_dropout)
+    if o.patch_dropout and not isinstance(getattr(model.visual, "patch_dropout", None),
+                                          PatchDropout):
+        raise ValueError(f"train.patch_dropout: {o.model}'s image tower is not a ViT "
+                         "(no patches to drop); set it to 0")
+    if o.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model, train_pre, eval_pre, tokenizer
+
+
 # -- the run ---------------------------------------------------------------------------------
-def setup_distributed() -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
-
-
 def train(o: TrainOptions) -> dict[str, Any]:
-    rank, world, device = setup_distributed()
-    main_proc = rank == 0
+    d = distributed.setup()
+    rank, world, device, main_proc = d.rank, d.world, d.device, d.main
     out = Path(o.out)
     ckpt_dir = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
 
     # Same seed on every rank: DDP also broadcasts rank 0's weights, this keeps RNGs aligned.
     torch.manual_seed(o.seed)
-    model, train_pre, eval_pre, tokenizer = create(o.model, loss=o.loss, device=device)
+    model, train_pre, eval_pre, tokenizer = build_model(o, device)
     preprocess = eval_pre if o.no_augment else train_pre
     optimizer = make_optimizer(param_groups(model, o.weight_decay), o.lr, device)
     if o.steps <= 0:
@@ -165,21 +181,18 @@ def train(o: TrainOptions) -> dict[str, Any]:
     autocast = autocast_for(o.precision, device)
 
     # Resume: model, optimizer, schedule, step, and where this rank's data stream stood.
+    # Rank 0 picks the checkpoint; machines without a shared disk get its copy.
     step, position = 0, LoaderPosition()
-    resume_from = ckpt.resolve_resume(o.resume, ckpt_dir)
-    if resume_from is not None:
-        state = ckpt.load(resume_from)
+    resume_from, state = distributed.load_resume(o.resume, ckpt_dir, d)
+    if state is not None:
+        _check_layout(state, resume_from, o, world)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         step = int(state["step"])
-        loaders = state["loader"]
-        if len(loaders) != world:
-            raise ValueError(f"{resume_from} was written by {len(loaders)} processes, this run "
-                             f"has {world}: the data position cannot be carried over")
-        position = LoaderPosition.from_dict(loaders[str(rank)])
+        position = LoaderPosition.from_dict(state["loader"][str(rank)])
         if main_proc:
             _truncate_metrics(metrics_path, step)
     elif main_proc and metrics_path.is_file():
@@ -225,6 +238,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
         t_data = time.time() - t0
 
         optimizer.zero_grad(set_to_none=True)
+        torch.manual_seed(step_seed(o.seed, rank, step))
         loss = train_step(ddp_model, loss_fn, micro, autocast)
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -252,7 +266,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
         bar.update(1)
 
         if step % o.save_every == 0 or step == stop:
-            _save(o, model, optimizer, scheduler, scaler, step, position, world, ckpt_dir)
+            _save(o, model, optimizer, scheduler, scaler, step, position, d, ckpt_dir)
         wants_eval = (o.eval_every and step % o.eval_every == 0) or step == stop
         if main_proc and (o.zeroshot or o.retrieval) and wants_eval:
             _evaluate(o, model, eval_pre, tokenizer, device, step, metrics_path)
@@ -260,7 +274,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
 
     elapsed = time.time() - t_run
     summary = {"steps": step, "target_steps": o.steps, "global_batch": global_batch,
-               "world_size": world, "final_loss": last_loss,
+               "world_size": world, "nodes": d.nodes, "final_loss": last_loss,
                "samples_per_s": seen_this_run / elapsed if elapsed > 0 else 0.0,
                "skipped_samples": dict(position.skipped), "out": str(out)}
     if main_proc:
@@ -276,16 +290,34 @@ def train(o: TrainOptions) -> dict[str, Any]:
     return summary
 
 
-def _save(o, model, optimizer, scheduler, scaler, step, position, world, ckpt_dir) -> None:
+def _check_layout(state: dict, path: Path | None, o: TrainOptions, world: int) -> None:
+    """Loader positions are per global rank and per worker role: a checkpoint carries over
+    to any machine layout with the same process count and loader workers (2 machines x 1
+    process = 1 machine x 2 processes), not to another count."""
+    saved = len(state["loader"])
+    if saved != world:
+        raise ValueError(f"{path} was written by {saved} processes, this run has {world}: "
+                         "the data position cannot be carried over")
+    layout = state.get("layout", {})  # checkpoints before the layout was recorded have none
+    roles = layout.get("worker_roles")
+    if roles is not None and roles != max(1, o.workers):
+        raise ValueError(f"{path} was written with {roles} loader worker(s) per process "
+                         f"(--workers {roles}), this run has {max(1, o.workers)}: resume with "
+                         f"--workers {roles} to continue the same data streams")
+
+
+def _save(o, model, optimizer, scheduler, scaler, step, position, d, ckpt_dir) -> None:
     positions = [position.to_dict()]
-    if world > 1:
-        positions = [None] * world
+    if d.world > 1:
+        positions = [None] * d.world
         dist.all_gather_object(positions, position.to_dict())
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
+    if not d.main:
+        return  # only global rank 0 writes, whatever machine it is on
     state = {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "step": step, "arch": o.model, "loss": o.loss,
-             "loader": {str(r): p for r, p in enumerate(positions)}}
+             "loader": {str(r): p for r, p in enumerate(positions)},
+             "layout": {"world_size": d.world, "nodes": d.nodes,
+                        "nproc_per_node": d.local_world, "worker_roles": max(1, o.workers)}}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     ckpt.save_atomic(state, ckpt_dir / f"step_{step:06d}.pt")
