@@ -260,6 +260,20 @@ def test_patch_dropout_training_resumes_exactly(shards, tmp_path):
     assert (opts["patch_dropout"], opts["grad_checkpointing"]) == (0.5, False)
 
 
+@pytest.mark.slow  # two more torchrun launches (~25 s on a busy 2-core machine)
+def test_savers_under_ddp_on_two_machines_match_one_machine(runs, shards, tmp_path):
+    """Checkpointing under DDP (non-reentrant: no 'marked ready twice'), and patch dropout
+    drawing the same patches per global rank whatever the machine layout."""
+    extra = ("--grad-checkpointing", "--patch-dropout", "0.5")
+    one_machine(tmp_path / "one", _train_args(shards, "run", *extra))
+    two_machines([tmp_path / "m0", tmp_path / "m1"], _train_args(shards, "run", *extra))
+    rows = _rows(tmp_path / "one" / "run")
+    _same_steps(_rows(tmp_path / "m0" / "run"), rows)
+    plain = _rows(runs["one"])
+    assert [r["batch"] for r in rows] == [r["batch"] for r in plain]  # same data,
+    assert rows[0]["loss"] != pytest.approx(plain[0]["loss"], abs=1e-4)  # fewer patches
+
+
 def test_savers_as_build_keys_and_flags(tmp_path):
     y = tmp_path / "b.yaml"
     y.write_text("name: b\nsources: [{path: m.jsonl}]\n"
