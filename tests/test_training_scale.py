@@ -243,6 +243,20 @@ def test_patch_dropout_changes_training_passes_only(shards):
     assert tokens_seen[-1] == 1 + 16
 
 
+def test_patch_dropout_refuses_an_image_tower_without_patches(tmp_path):
+    import open_clip
+
+    rn = dict(json.loads((ROOT / "training" / "model_configs" / "witforge-micro.json")
+                         .read_text()))
+    rn["vision_cfg"] = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}  # a ResNet
+    (tmp_path / "scale-test-rn.json").write_text(json.dumps(rn))
+    open_clip.add_model_config(tmp_path)
+    with pytest.raises(ValueError, match=r"train\.patch_dropout: scale-test-rn's image tower "
+                                         r"is not a ViT"):
+        build_model(TrainOptions(model="scale-test-rn", patch_dropout=0.5),
+                    torch.device("cpu"))
+
+
 def test_patch_dropout_training_resumes_exactly(shards, tmp_path):
     def run(out, *extra):
         args = _train_args(shards, str(out), "--steps", "4", "--save-every", "2", *extra)[2:]
