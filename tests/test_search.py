@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from bench.peers import PEERS_DIR, peer_python
+from pages.search_api import Indices
 from pages.search_index import SearchIndex
 from pipeline import embeddings
 from pipeline.config import load_build
@@ -214,6 +215,8 @@ def test_requests_clip_back_refuses_or_we_cannot_answer_get_a_400(server):
 
 
 def test_indices_list_and_metadata(server, index):
+    with pytest.raises(ValueError, match="two builds are named 't'"):
+        Indices([index, index])
     with urllib.request.urlopen(server.url + "indices-list") as r:
         assert json.loads(r.read()) == ["t"]
     assert post(server, "/indices-list", {}) == (200, ["t"])
