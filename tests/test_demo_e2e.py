@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -33,7 +34,9 @@ def _demo_build(tmp_path: Path, steps: int) -> Path:
     shutil.copytree(REPO / "manifests" / "filters", tmp_path / "manifests" / "filters")
     text = (REPO / "manifests" / "demo.yaml").read_text()
     text = text.replace("name: demo\n", f"name: demo\nruns_dir: {tmp_path / 'runs'}\n")
-    text = text.replace("  steps: 150\n", f"  steps: {steps}\n")
+    # the training recipe's steps and the bootstrap folds' (the same recipe)
+    text = re.sub(r"(?m)^(\s+steps:) 150\b", rf"\g<1> {steps}", text)
+    assert text.count(f"steps: {steps}") == 2, "demo.yaml's steps are no longer where expected"
     y = tmp_path / "manifests" / "demo.yaml"
     y.write_text(text)
     return y

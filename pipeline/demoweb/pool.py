@@ -41,8 +41,9 @@ FIXTURE_DIR = Path(__file__).parent / "fixture"
 DEFAULT_MAX_IMAGES = 20000
 DEFAULT_MAX_SIDE = 256
 HELDOUT_PERCENT = 10
+VAL_PERCENT = 10
 IMAGE_PART = next(p for p in PARTS if p.name == "images")
-POOL_VERSION = 1
+POOL_VERSION = 2  # 2: the 'val' split
 COLUMNS = ["image_id", "file", "caption", "category", "origin", "split", "license",
            "width", "height", "sha256"]
 
@@ -56,9 +57,12 @@ class SourceRoots:
 
 
 def split_of(image_id: str) -> str:
-    """'heldout' for ~10% of ids, by hash: the same on every machine and every pool size."""
-    h = int(hashlib.md5(f"split:{image_id}".encode()).hexdigest()[:8], 16)
-    return "heldout" if h % 100 < HELDOUT_PERCENT else "web"
+    """'heldout' for ~10% of ids (the eval sets' test splits), 'val' for another ~10% (the
+    linear probe's train split, and where a recipe may be tuned: never on 'heldout'), 'web'
+    for the rest (served); by hash, the same on every machine and every pool size."""
+    h = int(hashlib.md5(f"split:{image_id}".encode()).hexdigest()[:8], 16) % 100
+    return ("heldout" if h < HELDOUT_PERCENT else
+            "val" if h < HELDOUT_PERCENT + VAL_PERCENT else "web")
 
 
 def gather(roots: SourceRoots) -> list[Candidate]:
