@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -289,11 +290,13 @@ def run_stage(cfg: BuildConfig, name: str, force: bool = False,
     tmp.mkdir()
     work = cfg.run_dir / f"{spec.folder}.work"
     ctx = StageContext(cfg, spec, tmp, input_path, work, dict(options or {}))
-    started = time.time()
+    started, cpu0 = time.time(), _cpu_times()
     try:
         mod = importlib.import_module(spec.module)
         extra = mod.run(ctx) or {}
-        report = _finish_report(ctx, extra, time.time() - started, fp, prev)
+        seconds, cpu = time.time() - started, _cpu_since(cpu0)
+        report = _finish_report(ctx, extra, seconds, fp, prev)
+        report.update(cpu)
         report["inputs"] = inputs
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
         (tmp / "_SUCCESS").write_text("")
@@ -314,6 +317,21 @@ def run_stage(cfg: BuildConfig, name: str, force: bool = False,
         tmp.rename(final)
     log(_summary_line(spec, report))
     return report
+
+
+def _cpu_times() -> tuple[float, float]:
+    """(this process's CPU seconds, its waited-for children's): user + system."""
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time(), c.ru_utime + c.ru_stime
+
+
+def _cpu_since(start: tuple[float, float]) -> dict[str, Any]:
+    """CPU seconds a stage used, for `witforge plan`: the process (every thread, so a demo
+    web served in-process counts too) plus the children it waited for (img2dataset's worker
+    and its pool, the guard proxy, pHash workers), and the cores it could run on."""
+    own, children = (b - a for a, b in zip(start, _cpu_times(), strict=True))
+    return {"cpu_seconds": round(own + children, 3),
+            "cpu_seconds_children": round(children, 3), "cores": len(os.sched_getaffinity(0))}
 
 
 def disk_full(e: BaseException) -> bool:
