@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build", required=True, help="the build YAML, e.g. manifests/demo.yaml")
     p.add_argument("--out", type=Path, help="the card folder (default runs/<build>/card)")
     p.add_argument("--samples", type=int, default=SAMPLES,
-                   help=f"dropped pairs shown per stage and reason (default {SAMPLES})")
+                   help=f"dropped pairs shown per stage and reason, and per duplicate cluster "
+                   f"(default {SAMPLES})")
     p.add_argument("--clusters", type=int, default=CLUSTERS,
                    help=f"duplicate clusters shown per dedup reason (default {CLUSTERS})")
     p.add_argument("--kept", type=int, default=KEPT,

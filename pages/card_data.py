@@ -101,7 +101,15 @@ class LedgerView:
             f"SELECT {', '.join(cols)} FROM read_parquet($p) "
             "WHERE uid IN (SELECT unnest($u::VARCHAR[]))", {"p": str(path), "u": uids})
         names = [d[0] for d in got.description]
-        return {r[0]: dict(zip(names, r, strict=True)) for r in got.fetchall()}
+        found = {r[0]: dict(zip(names, r, strict=True)) for r in got.fetchall()}
+        crawl = next((s for s in self.stages if s.spec.name == "crawl"), None)
+        later = [u for u, r in found.items() if not r.get("tar")]
+        if crawl is not None and later and "tar" not in cols:
+            # a row of a stage before the crawl that went on to be crawled (a dedup keeper):
+            # its picture is in the crawl's tars
+            for u, r in self.rows(crawl.kept, later).items():
+                found[u].update({k: v for k, v in r.items() if k not in found[u]})
+        return found
 
     def tile(self, row: dict[str, Any] | None, uid: str, reason: str = "", detail: str = "",
              why_no_image: str = "") -> dict[str, Any]:
@@ -187,7 +195,7 @@ class LedgerView:
                          "of_input": count / s.report["rows_in"] if s.report["rows_in"] else 0,
                          "tiles": tiles, "clusters": None, "eval_pairs": None}
                 if tiles and all(UID_DETAIL.match(t["detail"]) for t in tiles):
-                    entry["clusters"] = self._clusters(s, reason, clusters)
+                    entry["clusters"] = self._clusters(s, reason, clusters, n)
                 elif (s.spec.module == "dedup.decontaminate" and reason == "eval_contamination"
                       and all(EVAL_DETAIL.match(t["detail"]) for t in tiles)):
                     entry["eval_pairs"] = self._eval_pairs(tiles)
@@ -197,13 +205,13 @@ class LedgerView:
                         "reasons": entries})
         return out
 
-    def _clusters(self, s: StageView, reason: str, n: int, k: int = 5) -> list[dict[str, Any]]:
+    def _clusters(self, s: StageView, reason: str, n: int, k: int) -> list[dict[str, Any]]:
         found = self.con.execute(_sql("card_clusters.sql"), {
             "dropped": str(s.dropped), "reason": reason, "n": n, "k": k}).fetchall()
         uids = [keeper for keeper, *_ in found] + [u for *_, us, _ in found for u in us]
         rows = self.rows(s.input, uids)
         return [{"kept": self.tile(rows.get(keeper), keeper, "kept", why_no_image=_why(
-                     s, keeper, rows)),
+                     s, keeper, rows, kept=True)),
                  "dropped_count": count,
                  "dropped": [self.tile(rows.get(u), u, reason, d, _why(s, u, rows))
                              for u, d in zip(us, ds, strict=True)]}
@@ -256,14 +264,18 @@ class LedgerView:
                                         for u in g["uids"]]} for g in atyp]}
 
 
-def _why(s: StageView, uid: str, rows: dict[str, dict[str, Any]]) -> str:
+def _why(s: StageView, uid: str, rows: dict[str, dict[str, Any]], kept: bool = False) -> str:
     """Why a tile has no picture, in words."""
+    row = rows.get(uid)
+    if row is not None and row.get("tar"):
+        return ""
     if s.spec.name == "crawl":
         return "download failed"
-    row = rows.get(uid)
     if row is None:
         return "row not found in the stage input" if s.input else "dropped at ingest"
-    return "" if row.get("tar") else "not downloaded (dropped before the crawl)"
+    if kept:
+        return "not downloaded (not crawled, or the crawl failed)"
+    return "not downloaded (dropped before the crawl)"
 
 
 def _date(t: float) -> str:

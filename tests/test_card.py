@@ -17,6 +17,7 @@ import duckdb
 import pytest
 
 from pages.browser import driver, full_page_screenshot
+from pages.card import write_card
 from pages.card_data import _sql, sample_key, sample_uids
 from pages.card_html import environment
 from pages.thumbs import Thumbs
@@ -59,6 +60,10 @@ def _add_hostile_rows_and_eval_set(y: Path) -> None:
     text = text.replace("demo_web: true\n", "  - {path: hostile.jsonl, url_col: url, "
                         "caption_col: caption, tag: hostile}\ndemo_web: true\n")
     text = text.replace("  eval_sets:\n", "  eval_sets:\n    - ../card_eval\n")
+    for line in [ln for ln in text.splitlines() if "../demo_data/eval/" in ln]:
+        if not (y.parent / line.split("- ", 1)[1] / "test").is_dir():  # not made here
+            text = text.replace(line + "\n", "")  # (the demo leaves it out the same way)
+    text = text.replace("  zeroshot:\n  retrieval:", "  zeroshot: []\n  retrieval:")
     y.write_text(text)
 
 
@@ -74,6 +79,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert cli_main(["run", "--build", str(y)]) == 0
     assert (load_build(y).run_dir / "card" / "index.html").is_file()  # written by run
     assert cli_main(["train", "--build", str(y)]) == 0
+    assert cli_main(["evaluate", "--build", str(y)]) == 0
     assert cli_main(["card", "--build", str(y)]) == 0
     return y
 
@@ -116,9 +122,7 @@ def test_the_card_renders_in_a_real_browser(built: Path) -> None:
         hit = "#reason-09_decontaminate-eval_contamination"
         assert d.execute_script(loaded, hit) >= 2
         assert "eval image" in d.find_element("css selector", hit).text
-        # hostile captions are text on the page, and no script of theirs ran
-        text = d.find_element("tag name", "body").text
-        assert SCRIPT_CAPTION in text and ONERROR_CAPTION[:40] in text
+        # nothing the page holds runs: no script element, no image from a caption
         assert d.execute_script("return typeof window.__pwned") == "undefined"
         assert d.execute_script("return document.scripts.length") == 0
         assert d.execute_script("return document.querySelectorAll('img[src=x]').length") == 0
@@ -127,8 +131,34 @@ def test_the_card_renders_in_a_real_browser(built: Path) -> None:
             assert d.find_element("id", section).text
         assert d.execute_script(loaded, "#training") >= 1  # curves.png
         assert "plan.json" in d.find_element("id", "plan").text  # skipped, with a note
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         d.save_screenshot(str(SCREENSHOTS / "card_top.png"))
         full_page_screenshot(d, SCREENSHOTS / "card.png", max_height=40000)
+
+
+def test_hostile_captions_and_urls_show_as_text(built: Path, tmp_path: Path) -> None:
+    """A card showing every drop and every kept pair, so each hostile row is on it wherever
+    curation sent it (the demo's settings decide that, not this test)."""
+    cfg = load_build(built)
+    page = write_card(cfg, tmp_path / "all", samples=1000, clusters=1000, kept=1000,
+                      log=lambda s: None)
+    with driver(1400, 1000) as d:
+        d.get(page.as_uri())
+        caps = d.execute_script("""return Array.from(document.querySelectorAll('.tile .cap'))
+            .map(p => p.textContent)""")
+        assert SCRIPT_CAPTION in caps and ONERROR_CAPTION in caps and "<b>x</b>" in caps
+        urls = d.execute_script("""return Array.from(document.querySelectorAll('.tile .url'))
+            .map(p => p.title)""")
+        assert any(u.endswith('?q="><script>window.__pwned=1</script>') for u in urls)
+        assert d.execute_script("return typeof window.__pwned") == "undefined"
+        assert d.execute_script("return document.scripts.length") == 0
+        assert d.execute_script("return document.querySelectorAll('img[src=x]').length") == 0
+        tile = d.execute_script("""return Array.from(document.querySelectorAll('.tile')).find(
+            t => t.querySelector('.cap') && t.querySelector('.cap').textContent ===
+            arguments[0])""", SCRIPT_CAPTION)
+        d.execute_script("arguments[0].scrollIntoView()", tile)
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        tile.screenshot(str(SCREENSHOTS / "card_hostile_tile.png"))
 
 
 def test_hostile_text_is_escaped_and_samples_are_deterministic(tmp_path: Path) -> None:
