@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from pages import card_plots
@@ -32,14 +33,20 @@ def _q(lv: LedgerView, sql: str, **params: Any) -> list[tuple]:
                                 for k, v in params.items()}).fetchall()
 
 
+def _column(lv: LedgerView, sql: str, path: Path) -> np.ndarray:
+    """One numeric column as a numpy array (a list of Python ints would take ~30x the
+    memory on a 10M-row build)."""
+    return lv.con.execute(sql, {"p": str(path)}).fetchnumpy()["v"]
+
+
 def captions(lv: LedgerView, out: Path) -> dict[str, Any] | None:
     before, after = lv.stages[0].kept, lv.stages[-1].kept
     if "caption" not in lv.columns(before):
         return None
     lengths = {}
     for label, p in (("ingested", before), ("kept", after)):
-        lengths[label] = [r[0] for r in _q(
-            lv, "SELECT length(coalesce(caption, '')) FROM read_parquet($p)", p=p)]
+        lengths[label] = _column(lv, "SELECT length(coalesce(caption, ''))::DOUBLE AS v "
+                                 "FROM read_parquet($p)", p)
     plot = card_plots.hist_pair(lengths, "caption length (characters)", out / "captions.png",
                                 clip=300)
     stats = []
@@ -68,15 +75,14 @@ def images(lv: LedgerView, out: Path) -> dict[str, Any] | None:
     if crawl is None:
         return None
     after = lv.stages[-1].kept
-    cols = ("least(original_width, original_height) AS side, "
-            "greatest(original_width, original_height)::DOUBLE / "
-            "nullif(least(original_width, original_height), 0) AS aspect, bytes")
+    exprs = {"side": "least(original_width, original_height)",
+             "aspect": "greatest(original_width, original_height) / "
+                       "nullif(least(original_width, original_height), 0)",
+             "bytes": "bytes"}
     data = {}
     for label, p in (("crawled", crawl.kept), ("kept", after)):
-        rows = _q(lv, f"SELECT {cols} FROM read_parquet($p) WHERE original_width IS NOT NULL",
-                  p=p)
-        data[label] = {"side": [r[0] for r in rows], "aspect": [r[1] for r in rows if r[1]],
-                       "bytes": [r[2] for r in rows if r[2] is not None]}
+        data[label] = {k: _column(lv, f"SELECT ({e})::DOUBLE AS v FROM read_parquet($p) "
+                                  f"WHERE ({e}) IS NOT NULL", p) for k, e in exprs.items()}
     plot = card_plots.image_hists(data, out / "images.png")
     formats = _q(lv, f"""
         SELECT coalesce(nullif(lower(regexp_extract(c.url, '{URL_EXT}', 1)), ''), '(none)') AS f,
