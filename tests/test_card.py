@@ -140,8 +140,14 @@ def test_hostile_captions_and_urls_show_as_text(built: Path, tmp_path: Path) -> 
     """A card showing every drop and every kept pair, so each hostile row is on it wherever
     curation sent it (the demo's settings decide that, not this test)."""
     cfg = load_build(built)
-    page = write_card(cfg, tmp_path / "all", samples=1000, clusters=1000, kept=1000,
-                      log=lambda s: None)
+    plan = {"target_rows": 1_000_000_000, "stages": [
+        {"stage": "crawl", "cpu_hours": 1234.4, "note": "<script>window.__pwned=1</script>"}]}
+    (cfg.run_dir / "plan.json").write_text(json.dumps(plan))  # as `witforge plan` would
+    try:
+        page = write_card(cfg, tmp_path / "all", samples=1000, clusters=1000, kept=1000,
+                          log=lambda s: None)
+    finally:
+        (cfg.run_dir / "plan.json").unlink()
     with driver(1400, 1000) as d:
         d.get(page.as_uri())
         caps = d.execute_script("""return Array.from(document.querySelectorAll('.tile .cap'))
@@ -150,6 +156,9 @@ def test_hostile_captions_and_urls_show_as_text(built: Path, tmp_path: Path) -> 
         urls = d.execute_script("""return Array.from(document.querySelectorAll('.tile .url'))
             .map(p => p.title)""")
         assert any(u.endswith('?q="><script>window.__pwned=1</script>') for u in urls)
+        plan_text = d.find_element("id", "plan").text
+        assert "1,000,000,000" in plan_text and "1,234" in plan_text
+        assert "<script>window.__pwned=1</script>" in plan_text
         assert d.execute_script("return typeof window.__pwned") == "undefined"
         assert d.execute_script("return document.scripts.length") == 0
         assert d.execute_script("return document.querySelectorAll('img[src=x]').length") == 0
