@@ -21,7 +21,8 @@ def hist_pair(values: dict[str, np.ndarray], xlabel: str, out: Path,
         return None
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=DPI)
     _hists(ax, values, clip)
-    ax.set_xlabel(xlabel + (f" (>{clip:g} shown at {clip:g})" if clip else ""))
+    clipped = clip is not None and any(len(v) and np.max(v) > clip for v in values.values())
+    ax.set_xlabel(xlabel + (f" (>{clip:g} shown at {clip:g})" if clipped else ""))
     ax.set_ylabel("pairs")
     ax.legend()
     fig.tight_layout()
