@@ -176,16 +176,11 @@ class SearchIndex:
 
     # -- queries ------------------------------------------------------------------------------
     def encode_text(self, text: str) -> np.ndarray:
-        import torch
-
         e = self._require_embedder()
-        with self._encode_lock, torch.inference_mode(), _autocast(e):
-            out = e.model.encode_text(e.tokenizer([text]).to(e.device), normalize=True)
-        return out.float().cpu().numpy()
+        with self._encode_lock:
+            return e.encode_texts([text])
 
     def encode_image(self, data: bytes) -> np.ndarray:
-        import torch
-
         e = self._require_embedder()
         try:
             with Image.open(io.BytesIO(data)) as im:
@@ -193,9 +188,8 @@ class SearchIndex:
                 x = e.preprocess(im).unsqueeze(0)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise QueryError(f"image: not a readable image ({type(err).__name__}: {err})") from None
-        with self._encode_lock, torch.inference_mode(), _autocast(e):
-            out = e.model.encode_image(x.to(e.device), normalize=True)
-        return out.float().cpu().numpy()
+        with self._encode_lock:
+            return e.encode_images(x)
 
     def stored(self, uid: str, modality: str = "image") -> np.ndarray:
         row = self.row_of.get(uid)
@@ -319,23 +313,6 @@ class SearchIndex:
         with self._store_lock:
             self._store.close()
 
-
-class _autocast:
-    """bf16 autocast when the embed stage ran in bf16 (as Embedder.encode does), else none."""
-
-    def __init__(self, emb: Any) -> None:
-        import torch
-
-        self._ctx = (torch.autocast(emb.device.type, dtype=torch.bfloat16)
-                     if emb.precision == "bf16" else None)
-
-    def __enter__(self) -> None:
-        if self._ctx is not None:
-            self._ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._ctx is not None:
-            self._ctx.__exit__(*exc)
 
 
 def near_duplicates(x: np.ndarray, threshold: float) -> list[int]:

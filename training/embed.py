@@ -17,6 +17,7 @@ stage folder gets hard links to them. Nothing is downloaded: checkpoints are loc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -60,24 +61,27 @@ class Embedder:
     precision: str
     info: dict[str, Any] = field(default_factory=dict)  # what manifest.json records
 
-    def encode(self, images: torch.Tensor, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """L2-normalised float32 (image, text) embeddings, as open_clip's
-        ``encode_image/encode_text(normalize=True)``."""
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                if self.precision == "bf16" else contextlib.nullcontext())
+
+    def encode_images(self, images: torch.Tensor) -> np.ndarray:
+        """L2-normalised float32 embeddings of preprocessed images, as open_clip's
+        ``encode_image(normalize=True)``."""
+        with torch.inference_mode(), self._autocast():
+            out = self.model.encode_image(images.to(self.device), normalize=True)
+        return out.float().cpu().numpy()
+
+    def encode_texts(self, captions: list[str]) -> np.ndarray:
+        """L2-normalised float32 embeddings of captions (``encode_text(normalize=True)``)."""
         tokens = self.tokenizer(captions)
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                    if self.precision == "bf16" else _nullcontext())
-        with torch.inference_mode(), autocast:
-            img = self.model.encode_image(images.to(self.device), normalize=True)
-            txt = self.model.encode_text(tokens.to(self.device), normalize=True)
-        return img.float().cpu().numpy(), txt.float().cpu().numpy()
+        with torch.inference_mode(), self._autocast():
+            out = self.model.encode_text(tokens.to(self.device), normalize=True)
+        return out.float().cpu().numpy()
 
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+    def encode(self, images: torch.Tensor, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(image, text) embeddings of a batch of pairs."""
+        return self.encode_images(images), self.encode_texts(captions)
 
 
 def pick_device(device: str) -> torch.device:
