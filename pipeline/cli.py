@@ -31,6 +31,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "compare": ("training.compare", "raw vs curated vs ablations at equal compute, with seeds"),
     "search": ("pages.search", "search page + clip-retrieval knn API over a build's embeddings"),
     "card": ("pages.card", "write the build's HTML data card (runs/<build>/card/index.html)"),
+    "plan": ("pipeline.plan", "project a bigger build's time, disk and cost from a pilot"),
 }
 
 STAGE_HELP = {

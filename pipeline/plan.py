@@ -1,0 +1,400 @@
+"""`witforge plan`: what a build of N rows will cost, projected from a finished pilot build.
+
+    witforge plan --build B --rows 400M [--nodes N --cores C --gpus G --nic-gbps X
+                  --disk-mbps Y --prices FILE --epochs E --train-model M] [--json OUT]
+
+Per stage: rows in, keep ratio and rows out (the pilot's keep ratios), throughput, core-hours
+(GPU-hours for embed and training), wall time on the given cluster, disk written, peak
+temporary disk, network bytes, cost (only with --prices) and the bottleneck: CPU, NIC, disk,
+or the politeness floor (a host's rows / its per-domain rate). Each stage's cost is split into
+a fixed part and a per-row part: the pilot's own run and a calibration run on a tiny sample
+of its input (pipeline/plan_measure.py). What the pilot did not measure comes from a published
+figure, printed with its source under the table (pipeline/plan_defaults.py). Writes the
+projection as JSON to runs/<build>/plan.json (the data card shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline import plan_defaults as D
+from pipeline import plan_keep
+from pipeline.config import BuildConfig, ConfigError, load_build
+from pipeline.plan_measure import Pilot, StageMeasure, calibrate, read_pilot
+from pipeline.plan_report import format_table
+from pipeline.stage import StageError
+
+# Stages that spread over nodes: the crawl (img2dataset's pyspark distributor). The others
+# run in one process on one node (DuckDB in-process, one pHash pool, one embed device).
+NODE_STAGES = {"crawl"}
+# Stages whose work is a DuckDB join, sort or aggregate over their whole input: past
+# memory_limit, DuckDB spills to temp_directory.
+DUCKDB_STAGES = {"ingest", "text_filter", "url_dedup", "precrawl_balance", "image_dedup",
+                 "balance"}
+MOSTLY_FIXED = 0.25  # a pilot whose per-row part is below this share of its time
+
+
+@dataclass
+class Cluster:
+    nodes: int
+    cores: int  # per node
+    gpus: int  # per node
+    nic_gbps: float | None
+    disk_mbps: float | None
+
+
+def _fit(total: float, rows: int, cal: dict[str, Any] | None, key: str) -> tuple[float, float]:
+    """(fixed, per row) from the pilot's (rows, total) and the calibration run's."""
+    if not rows:
+        return total, 0.0
+    c = cal.get(key) if cal else None
+    if c is None or "rows" not in cal:
+        return 0.0, total / rows
+    n = int(cal["rows"])
+    if n >= rows:
+        fixed = min(float(c), total)
+        return fixed, (total - fixed) / rows
+    per_row = max(0.0, (total - float(c)) / (rows - n))
+    fixed = max(0.0, min(total, float(c) - per_row * n))
+    return fixed, (total - fixed) / rows
+
+
+def makespan(rows: float, per_shard: int, slots: int) -> float:
+    """Rows the busiest img2dataset process downloads: shards of per_shard rows (the last one
+    shorter) go, in order, to the first free process, each taking time in proportion to its
+    rows. A shard queue far longer than the processes is rows / processes."""
+    per_shard, slots = max(per_shard, 1), max(slots, 1)
+    full, last = divmod(int(round(rows)), per_shard)
+    if full + (last > 0) > 1000 * slots:
+        return rows / slots
+    free = [0.0] * slots
+    for size in [per_shard] * full + ([last] if last else []):
+        i = min(range(slots), key=free.__getitem__)
+        free[i] += size
+    return max(max(free), 1.0)
+
+
+def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
+               used: dict[str, D.Default]) -> dict[str, Any]:
+    scale = rows_in / m.rows_in if m.rows_in else 0.0
+    notes: list[str] = []
+    out, keep_model, note = plan_keep.rows_out(pilot.cfg, m, _folder(pilot, m), rows_in)
+    keep = out / rows_in if rows_in else m.kept / max(m.rows_in, 1)
+    if note:
+        notes.append(note)
+    cpu_total = m.cpu_seconds
+    if cpu_total is None:
+        cpu_total = m.seconds
+        notes.append("no CPU time in report.json (written before witforge recorded it): "
+                     "wall time x 1 core; rerun the stage for a measurement")
+    cal = m.calibration
+    wf, wv = _fit(m.seconds, m.rows_in, cal, "seconds")
+    cf, cv = _fit(cpu_total, m.rows_in, cal, "cpu_seconds")
+    if m.name == "embed" and not (cal and "rows" in cal):  # bootstrap: its folds' training
+        folds = (m.report.get("bootstrap") or {}).get("folds") or []
+        fixed = sum(float(f.get("train_seconds") or 0) for f in folds)
+        if fixed:
+            wf = min(fixed, m.seconds)
+            wv = (m.seconds - wf) / m.rows_in if m.rows_in else 0.0
+            cf = cpu_total * wf / m.seconds if m.seconds else 0.0
+            cv = (cpu_total - cf) / m.rows_in if m.rows_in else 0.0
+            notes.append(f"bootstrap: its {len(folds)} fold models' training ({fixed:,.0f} s) "
+                         "counted as fixed (a set number of steps)")
+    if cal and "skipped" in cal:
+        notes.append(f"fixed cost not calibrated ({cal['skipped']}): linear in rows, an "
+                     "overstatement for a small pilot")
+    elif m.seconds and wv * m.rows_in < MOSTLY_FIXED * m.seconds:
+        notes.append(f"the pilot's {m.seconds:.2f} s are mostly start-up "
+                     f"({wf:.2f} s): its per-row cost is a rough figure, use a bigger pilot")
+    nodes = cl.nodes if m.name in NODE_STAGES else 1
+    row: dict[str, Any] = {"stage": m.name, "rows_in": round(rows_in), "keep_ratio":
+                           round(keep, 4), "rows_out": round(out),
+                           "pilot_keep_ratio": round(m.kept / m.rows_in, 4) if m.rows_in
+                           else None, "keep_model": keep_model}
+    cpu_s = cf + cv * rows_in
+    gpu_h = None
+    basis = f"measured: {m.rows_in:,}-row pilot on {m.cores} cores"
+    if m.name == "crawl" and pilot.crawl:
+        cr = pilot.crawl
+        slots_p = cr.processes
+        per_node = max(1, round(cr.processes * cl.cores / m.cores))
+        busiest = (makespan(rows_in, cr.per_shard, per_node * cl.nodes)
+                   / makespan(m.rows_in, cr.per_shard, slots_p))
+        wall = wf + (m.seconds - wf) * busiest
+        basis += (f"; img2dataset {per_node} processes x {cr.threads} threads per node "
+                  "(one per core, as its README advises)")
+    elif m.name == "embed" and cl.gpus > 0 and pilot.embed_device != "cuda":
+        used[D.EMBED_RATE.name] = D.EMBED_RATE
+        gpu_h = rows_in / D.EMBED_RATE.value / 3600
+        wall, cpu_s = gpu_h * 3600, 0.0
+        basis = f"default: {D.EMBED_RATE.value:,.0f} samples/s per GPU (ViT-B/32)"
+        notes.append("the embed stage runs on one device: its wall time is its GPU-hours")
+    else:
+        wall = wf + wv * rows_in * (m.cores / cl.cores)
+        if m.name == "embed" and pilot.embed_device == "cuda":
+            gpu_h = wall / 3600
+    floors = {"model": wall}
+    disk = m.disk_bytes / m.rows_in * rows_in if m.rows_in else 0.0
+    temp = m.work_bytes * scale if m.name == "crawl" else 0.0
+    if m.name in DUCKDB_STAGES:
+        limit = D.parse_size(pilot.cfg.duckdb.memory_limit)
+        spill = m.input_bytes * scale
+        if spill > limit:
+            temp += spill
+            notes.append("peak temp includes a DuckDB spill estimate (its input's Parquet "
+                         f"bytes, over memory_limit {pilot.cfg.duckdb.memory_limit}): not "
+                         "measured")
+    net = 0.0
+    if m.name == "crawl" and pilot.crawl:
+        _crawl_floors(m, pilot, cl, rows_in, keep, floors, notes, used)
+        net = rows_in * keep * D.DOWNLOAD_BYTES.value
+        used[D.DOWNLOAD_BYTES.name] = D.DOWNLOAD_BYTES
+        if cl.nic_gbps:
+            floors["NIC"] = net * 8 / (cl.nic_gbps * 1e9 * cl.nodes)
+    if cl.disk_mbps:
+        floors["disk"] = (disk + temp) / (cl.disk_mbps * 1e6 * nodes)
+    name, wall = max(floors.items(), key=lambda kv: kv[1])
+    if name == "model":
+        name = _model_bottleneck(m, pilot, cpu_total, gpu_h)
+    row.update({
+        "rows_per_s": round(rows_in / wall, 1) if wall > 0 else None, "basis": basis,
+        "core_hours": round(cpu_s / 3600, 3), "gpu_hours": round(gpu_h, 3) if gpu_h else None,
+        "wall_hours": round(wall / 3600, 6), "wall_seconds": round(wall, 3), "nodes": nodes,
+        "disk_written_bytes": round(disk), "peak_temp_bytes": round(temp),
+        "network_bytes": round(net), "bottleneck": name,
+        "floors_hours": {k if k != "model" else "measured rate": round(v / 3600, 4)
+                         for k, v in floors.items()},
+        "fixed_seconds": round(wf, 3), "seconds_per_row": round(wv, 9),
+        "cpu_fixed_seconds": round(cf, 3), "cpu_seconds_per_row": round(cv, 9),
+        "calibration": cal, "notes": notes})
+    return row
+
+
+def _folder(pilot: Pilot, m: StageMeasure) -> Path:
+    return pilot.cfg.run_dir / m.folder
+
+
+def _model_bottleneck(m: StageMeasure, pilot: Pilot, cpu: float, gpu_h: float | None) -> str:
+    if gpu_h is not None:
+        return "GPU"
+    if m.name == "crawl":
+        busy = cpu / (m.seconds * m.cores) if m.seconds else 0.0
+        return "CPU" if busy >= 0.75 else "latency (threads wait on the servers)"
+    return "CPU" if m.name in NODE_STAGES else "CPU (one node)"
+
+
+def _crawl_floors(m: StageMeasure, pilot: Pilot, cl: Cluster, rows_in: float, keep: float,
+                  floors: dict[str, float], notes: list[str],
+                  used: dict[str, D.Default]) -> None:
+    """The politeness floor: the busiest host's rows over its rate (each node's guard keeps
+    the per-domain limits, so a domain's global rate is nodes x the per-node rate)."""
+    cr, c = pilot.crawl, pilot.cfg.crawl
+    assert cr is not None
+    if cr.loopback:
+        notes.append("the pilot crawled the demo web on 127.0.0.1: its rate is a loopback "
+                     f"rate; on the real web img2dataset reports {D.CRAWL_RATE.value:,.0f} "
+                     f"images/s per {D.CRAWL_NODE_CORES}-core 2 Gbps node")
+        used[D.CRAWL_RATE.name] = D.CRAWL_RATE
+    if not c.guard or not cr.hosts:
+        notes.append("no politeness floor: crawl.guard is off (img2dataset has no per-domain "
+                     "limit)" if not c.guard else "no politeness floor: no hosts")
+        return
+    total = sum(n for _, n in cr.hosts) or 1
+    worst, worst_host = 0.0, ""
+    for host, n in cr.hosts:
+        rates = []
+        if c.per_domain_rps > 0:
+            rates.append(c.per_domain_rps)
+        if cr.crawl_delays.get(host):
+            rates.append(1.0 / cr.crawl_delays[host])
+        if cr.mean_request_s:
+            rates.append(c.per_domain_concurrency / cr.mean_request_s)
+        if not rates:
+            continue
+        secs = n / m.rows_in * rows_in / (min(rates) * cl.nodes)
+        if secs > worst:
+            worst, worst_host = secs, host
+    if worst_host:
+        floors[f"politeness ({worst_host})"] = worst
+        share = dict(cr.hosts)[worst_host] / total
+        notes.append(f"politeness floor from {worst_host} ({share:.0%} of the pilot's rows, "
+                     f"{cr.host_count:,} hosts): the pilot's host shares are assumed to hold "
+                     "at scale; rate = min(per_domain_rps, 1/Crawl-delay, "
+                     "per_domain_concurrency / the mean request time) x nodes")
+
+
+def _train_row(pilot: Pilot, rows: float, cl: Cluster, epochs: float, model: str,
+               used: dict[str, D.Default]) -> dict[str, Any] | None:
+    samples = rows * epochs
+    row: dict[str, Any] = {"stage": "train", "rows_in": round(rows), "keep_ratio": None,
+                           "rows_out": None, "samples_seen": round(samples), "nodes": cl.nodes}
+    if cl.gpus > 0:
+        d = D.TRAIN_GPU_HOURS[model]
+        used[d.name] = d
+        gpu_h = d.value * samples / D.LAION400M_SAMPLES_SEEN
+        wall = gpu_h / (cl.nodes * cl.gpus)
+        row.update(rows_per_s=round(samples / (wall * 3600), 1), core_hours=None,
+                   gpu_hours=round(gpu_h, 1), wall_hours=round(wall, 3), bottleneck="GPU",
+                   basis=f"default: {model}, {d.value:,.0f} A100 GPU-hours per 12.8B samples")
+    elif pilot.train and pilot.train.get("samples_per_s"):
+        sps = float(pilot.train["samples_per_s"])
+        wall = samples / (sps * cl.nodes * cl.cores / pilot.cores) / 3600
+        row.update(rows_per_s=round(sps * cl.nodes * cl.cores / pilot.cores, 1),
+                   core_hours=round(samples / sps * pilot.cores / 3600, 1), gpu_hours=None,
+                   wall_hours=round(wall, 3), bottleneck="CPU",
+                   basis=f"measured: the pilot's training, {sps:,.0f} samples/s on "
+                   f"{pilot.cores} cores (its own model)")
+    else:
+        return None
+    row.update(disk_written_bytes=0, peak_temp_bytes=0, network_bytes=0,
+               notes=[f"{epochs:g} epochs over the last stage's rows"])
+    return row
+
+
+def _cost(row: dict[str, Any], cl: Cluster, prices: D.Prices) -> float | None:
+    cost = 0.0
+    if row.get("gpu_hours") and prices.gpu_hour is not None:
+        cost += row["gpu_hours"] * prices.gpu_hour
+    elif row.get("wall_hours") and not row.get("gpu_hours"):
+        held = row["wall_hours"] * row.get("nodes", 1)  # a stage holds its nodes' cores
+        if prices.node_hour is not None:
+            cost += held * prices.node_hour
+        elif prices.core_hour is not None:
+            cost += held * cl.cores * prices.core_hour
+    if row.get("network_bytes") and prices.network_gb is not None:
+        cost += row["network_bytes"] / 1e9 * prices.network_gb
+    return round(cost, 6)
+
+
+def project(pilot: Pilot, rows: int, cl: Cluster, prices: D.Prices | None = None,
+            epochs: float = D.EPOCHS.value, train_model: str = "ViT-B-32") -> dict[str, Any]:
+    """The projection of a ``rows``-row build from the pilot, as plan.json holds it."""
+    used: dict[str, D.Default] = {}
+    out: list[dict[str, Any]] = []
+    n = float(rows)
+    for m in pilot.stages:
+        r = _stage_row(m, n, pilot, cl, used)
+        out.append(r)
+        n = r["rows_out"]
+    t = _train_row(pilot, n, cl, epochs, train_model, used)
+    if t is not None:
+        out.append(t)
+        if epochs == D.EPOCHS.value:
+            used[D.EPOCHS.name] = D.EPOCHS
+    if prices is not None:
+        for r in out:
+            r["cost"] = _cost(r, cl, prices)
+    totals = {k: round(sum(r.get(k) or 0 for r in out), 6) for k in (
+        "core_hours", "gpu_hours", "wall_hours", "disk_written_bytes", "network_bytes")}
+    totals["peak_temp_bytes"] = max((r.get("peak_temp_bytes") or 0 for r in out), default=0)
+    if prices is not None:
+        totals["cost"] = round(sum(r.get("cost") or 0 for r in out), 6)
+    first = pilot.stages[0]
+    return {
+        "build": pilot.cfg.name, "target_rows": rows,
+        "pilot": {"run_dir": str(pilot.cfg.run_dir), "rows": first.rows_in,
+                  "cores": pilot.cores, "stages_missing": pilot.missing,
+                  "loopback_crawl": bool(pilot.crawl and pilot.crawl.loopback)},
+        "cluster": asdict(cl), "stages": out, "totals": totals,
+        "defaults": [d.as_json() for d in used.values()],
+        "prices": prices.as_json() if prices else None,
+        "written": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def plan_build(cfg: BuildConfig, rows: int, cl: Cluster | None = None, **kw: Any) -> dict:
+    """Read the pilot, calibrate (reusing the last plan.json's calibrations), project."""
+    pilot = read_pilot(cfg)
+    cache = {}
+    last = cfg.run_dir / "plan.json"
+    if last.is_file():
+        try:
+            cache = {r["stage"]: r["calibration"] for r in json.loads(last.read_text())["stages"]
+                     if r.get("calibration")}
+        except (ValueError, KeyError, TypeError):
+            cache = {}
+    if kw.pop("calibrate", True):
+        calibrate(pilot, cache)
+    cl = cl or Cluster(1, pilot.cores, 0, None, None)
+    return project(pilot, rows, cl, **kw)
+
+
+def write_plan(plan: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(plan, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def demo_projection(cfg: BuildConfig) -> str:
+    """What `make demo` prints at its end: the 400M projection of the demo build (written to
+    runs/<build>/plan.json first, so the data card shows it)."""
+    plan = plan_build(cfg, 400_000_000)
+    write_plan(plan, cfg.run_dir / "plan.json")
+    return format_table(plan)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="witforge plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--build", required=True, help="the finished pilot build's YAML")
+    p.add_argument("--rows", default="400M", help="rows entering ingest in the projected "
+                   "build: 400M (default), 1.6B, 100k, 3000000")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--cores", type=int, help="cores per node (default: the pilot's)")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs per node (default 0: embed and "
+                   "train on the CPU at the pilot's rate)")
+    p.add_argument("--nic-gbps", type=float, help="network per node in Gbit/s (a NIC floor "
+                   "for the crawl; none when not given)")
+    p.add_argument("--disk-mbps", type=float, help="disk write MB/s per node (a disk floor "
+                   "per stage; none when not given)")
+    p.add_argument("--prices", help="a YAML/JSON file of per-hour prices with their date "
+                   "(costs are shown only with it)")
+    p.add_argument("--epochs", type=float, default=D.EPOCHS.value,
+                   help="training epochs over the final rows (default 32, as open_clip's "
+                   "LAION-400M runs)")
+    p.add_argument("--train-model", default="ViT-B-32", choices=sorted(D.TRAIN_GPU_HOURS),
+                   help="the model whose published GPU-hours scale training with --gpus")
+    p.add_argument("--no-calibrate", action="store_true", help="do not rerun stages on a tiny "
+                   "sample to split start-up from per-row cost (linear in rows)")
+    p.add_argument("--json", help="write the projection here (default runs/<build>/plan.json)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        rows = D.parse_rows(args.rows)
+        prices = D.load_prices(args.prices) if args.prices else None
+        for flag in ("nodes", "cores", "gpus"):
+            v = getattr(args, flag)
+            if v is not None and v < (0 if flag == "gpus" else 1):
+                raise ValueError(f"--{flag} {v}: must be at least {0 if flag == 'gpus' else 1}")
+        cfg = load_build(args.build)
+        if cfg.demo_web:
+            from pipeline.demo import apply_demo_settings
+
+            apply_demo_settings(cfg)
+        pilot_cores = read_pilot(cfg).cores
+        cl = Cluster(args.nodes, args.cores or pilot_cores, args.gpus, args.nic_gbps,
+                     args.disk_mbps)
+        plan = plan_build(cfg, rows, cl, prices=prices, epochs=args.epochs,
+                          train_model=args.train_model, calibrate=not args.no_calibrate)
+    except (ValueError, ConfigError, StageError) as e:
+        print(f"witforge plan: error: {e}", file=sys.stderr)
+        return 2
+    out = write_plan(plan, Path(args.json) if args.json else cfg.run_dir / "plan.json")
+    print(format_table(plan))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
