@@ -193,8 +193,11 @@ def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True,
     if until is None:
         # after training: a card that fails (loudly) loses none of the results above
         from pages.card import write_card
+        from pipeline.plan import demo_projection
 
+        projection = demo_projection(cfg)  # runs/<b>/plan.json first, so the card shows it
         write_card(cfg)
+        print(f"\n{projection}")
     print(f"\nmake demo finished in {time.time() - t0:.0f}s; outputs under {cfg.run_dir}")
     lines = missing_lines(still_missing)
     if fixture_only:
