@@ -10,8 +10,8 @@ the whole process, and steady samples/s = batch / the median over 10-step window
 first) of the mean step time — what open_clip_train logs as `Batch (t)` every 10 steps, and the
 same windows of our metrics.jsonl. ``ratio`` = ours / theirs of the median steady samples/s.
 
-Shards: runs/demo/raw_crawl_shards (every crawled demo image, real JPEGs) when `make demo` has
-run, else toy shards.
+Shards: runs/demo/compare/arms/raw/14_shard (every crawled demo image, real JPEGs; or the
+folder in $WITFORGE_BENCH_SHARDS) when `make demo` has run, else toy shards.
 
     python -m bench.bench_trainer [--quick] [--rounds N] [--steps N]
 """
@@ -37,7 +37,9 @@ _BATCH_T = re.compile(r"Batch \(t\): ([0-9.]+),")
 
 
 def _shards(tmp: Path) -> tuple[list[str], str]:
-    demo = REPO / "runs" / "demo" / "raw_crawl_shards"
+    # the demo's raw arm: every crawled demo image, re-sharded by the shard stage's writer
+    demo = Path(os.environ.get("WITFORGE_BENCH_SHARDS", REPO / "runs" / "demo" / "compare" /
+                               "arms" / "raw" / "14_shard"))
     tars = sorted(demo.glob("shard-*.tar"))
     if not tars:
         from training.toydata import write_toy_shards
