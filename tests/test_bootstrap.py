@@ -69,7 +69,7 @@ def test_folds_never_score_a_pair_they_trained_on(tmp_path):
     assert all(not (scored_by[a] & scored_by[b]) for a, b in itertools.combinations(range(3), 2))
 
     # clip_score = rank of the out-of-fold cosine within its fold
-    for k, uids in scored_by.items():
+    for uids in scored_by.values():
         uids = sorted(uids)
         raw = np.array([kept[u]["clip_score_raw"] for u in uids])
         got = np.array([kept[u]["clip_score"] for u in uids])
@@ -120,8 +120,8 @@ def test_fold_assignment_is_stable_and_order_independent():
     uids = [f"u{i}" for i in range(3000)]
     a = [fold_of(u, 0, 3) for u in uids]
     assert a == [fold_of(u, 0, 3) for u in uids]
-    assert dict(zip(reversed(uids), [fold_of(u, 0, 3) for u in reversed(uids)])) == dict(
-        zip(uids, a))
+    assert dict(zip(reversed(uids), [fold_of(u, 0, 3) for u in reversed(uids)],
+                    strict=True)) == dict(zip(uids, a, strict=True))
     assert all(900 < a.count(k) < 1100 for k in range(3))
     assert a != [fold_of(u, 1, 3) for u in uids]  # the seed matters
 

@@ -27,8 +27,8 @@ from pipeline.config import load_build
 from pipeline.stage import StageError, run_stage
 from tests.curation_fixtures import crawl_run, make_build, read_parquet
 from training.embed import load_embedder
-from training.train import train
 from training.options import TrainOptions
+from training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "pipeline" / "demoweb" / "fixture"
@@ -168,7 +168,8 @@ def test_vit_b32_release_formats_load_through_embed_checkpoint(tmp_path):
     files["open_clip_bin"] = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(sd, files["open_clip_bin"])
     files["training_checkpoint"] = tmp_path / "epoch_32.pt"
-    torch.save({"epoch": 32, "name": "run", "state_dict": {f"module.{k}": v for k, v in sd.items()}},
+    torch.save({"epoch": 32, "name": "run",
+                "state_dict": {f"module.{k}": v for k, v in sd.items()}},
                files["training_checkpoint"])
     cfg_json = tmp_path / "my-vit.json"
     cfg_json.write_text(json.dumps(open_clip.get_model_config("ViT-B-32-quickgelu")))
