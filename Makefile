@@ -65,6 +65,9 @@ $(STAGES): $(STAMP)
 run status audit train evaluate card: $(STAMP)
 	$(WF) $@ --build $(BUILD) $(ARGS)
 
+plan: $(STAMP)
+	$(WF) plan --build $(BUILD) $(ARGS)
+
 # constraints.txt pins every package of .venv: after editing requirements.txt, regenerate it
 # from a fresh venv (so nothing installed by hand slips in).
 lock:

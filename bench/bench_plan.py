@@ -8,13 +8,13 @@ a fresh process, as a person would run them:
   against the 1M-row run;
 * crawl: the demo manifests served by the demo web on 127.0.0.1 (its faults and noise
   included), ingest -> text_filter -> url_dedup -> robots -> crawl -> image_filter ->
-  image_dedup -> shard with the demo's crawl settings behind the guard: the plan of a 1/3
-  sample (~1k rows) for the whole (~3k rows), against the whole run.
+  image_dedup -> shard with the demo's crawl settings behind the guard: the plan of a ~1k-row
+  pilot for ~3k rows (a random third of them), against the 3k-row run.
 
 Per stage: rows out, wall seconds and CPU seconds, predicted and measured, and their ratio.
 Goal: every prediction within 25 % (issue 14). Writes bench/results/plan.json.
 
-    python -m bench.bench_plan            # 100k -> 1M, and 1/3 -> all of the Debian demo pool
+    python -m bench.bench_plan            # 100k -> 1M rows, and 1k -> 3k rows of the demo web
     python -m bench.bench_plan --quick    # 10k -> 100k, and the committed fixture pool
 """
 
@@ -102,7 +102,7 @@ def compare(plan: dict[str, Any], measured: dict[str, dict[str, Any]]) -> list[d
         if r is None:
             continue
         pred = {"rows_out": row["rows_out"], "wall_s": row["wall_seconds"],
-                "cpu_s": round(row["core_hours"] * 3600, 3)}
+                "cpu_s": row["cpu_seconds"]}
         meas = {"rows_out": r["kept"], "wall_s": r["seconds"], "cpu_s": r.get("cpu_seconds")}
         out.append({"stage": row["stage"], "predicted": pred, "measured": meas,
                     "ratio": {k: round(pred[k] / meas[k], 3) if meas[k] else None
@@ -197,7 +197,7 @@ def text_side(small: int, big: int, work: Path) -> dict[str, Any]:
     return check("text", builds[small], builds[big], work, until="url_dedup")
 
 
-def crawl_side(quick: bool, every: int, work: Path) -> dict[str, Any]:
+def crawl_side(quick: bool, every: int, work: Path, rows: int) -> dict[str, Any]:
     from pipeline.demoweb.manifests import write_manifests
     from pipeline.demoweb.pool import assemble_pool
     from pipeline.demoweb.server import DemoWeb
@@ -208,10 +208,13 @@ def crawl_side(quick: bool, every: int, work: Path) -> dict[str, Any]:
             else assemble_pool(DATA / "crawl"))
     with DemoWeb(pool) as web:
         manifests = work / "manifests"
-        write_manifests(pool, web.base_url, manifests, seed=0)
+        info = write_manifests(pool, web.base_url, manifests, seed=0)
+        # the full run: about `rows` of the manifests; the pilot: 1 in `every` of those (a
+        # subset: a path hashing to 0 mod every x k hashes to 0 mod k)
+        k = max(1, round(sum(info["rows"].values()) / rows))
         crawl = DEMO_CRAWL.format(host=web.host_port)
-        pilot = demo_web_build(work / "crawl_pilot", "crawl_pilot", manifests, every, crawl)
-        full = demo_web_build(work / "crawl_full", "crawl_full", manifests, 1, crawl)
+        pilot = demo_web_build(work / "crawl_pilot", "crawl_pilot", manifests, k * every, crawl)
+        full = demo_web_build(work / "crawl_full", "crawl_full", manifests, k, crawl)
         return check("crawl", pilot, full, work)
 
 
@@ -221,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="10k -> 100k rows; the fixture pool")
     p.add_argument("--text-rows", default="", help="pilot,full rows of the text side "
                    "(default 100k,1M; quick 10k,100k)")
+    p.add_argument("--crawl-rows", type=int, default=3000, help="rows of the full crawl, "
+                   "drawn from the demo manifests (default 3000)")
     p.add_argument("--crawl-every", type=int, default=3, help="the crawl pilot keeps 1 row "
-                   "in this many (default 3)")
+                   "in this many of the full's (default 3)")
     p.add_argument("--only", choices=["text", "crawl"], help="run one of the two checks")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -249,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "text"):
         res["text"] = text_side(small, big, work)
     if args.only in (None, "crawl"):
-        res["crawl"] = crawl_side(args.quick, args.crawl_every, work)
+        res["crawl"] = crawl_side(args.quick, args.crawl_every, work, args.crawl_rows)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["load_avg_1m"] = round(os.getloadavg()[0], 2)
     res["summary"] = {k: {"pilot_rows": res[k]["pilot_rows"], "full_rows": res[k]["full_rows"],

@@ -1,9 +1,10 @@
 """`witforge plan`: what a build of N rows will cost, projected from a finished pilot build.
 
     witforge plan --build B --rows 400M [--nodes N --cores C --gpus G --nic-gbps X
-                  --disk-mbps Y --prices FILE --epochs E --train-model M] [--json OUT]
+                  --disk-mbps Y --prices FILE --epochs E --train-model M
+                  --duplicates rate|sample] [--json OUT]
 
-Per stage: rows in, keep ratio and rows out (the pilot's keep ratios), throughput, core-hours
+Per stage: rows in, keep ratio and rows out (pipeline/plan_keep.py), throughput, core-hours
 (GPU-hours for embed and training), wall time on the given cluster, disk written, peak
 temporary disk, network bytes, cost (only with --prices) and the bottleneck: CPU, NIC, disk,
 or the politeness floor (a host's rows / its per-domain rate). Each stage's cost is split into
@@ -35,8 +36,7 @@ from pipeline.stage import StageError
 NODE_STAGES = {"crawl"}
 # Stages whose work is a DuckDB join, sort or aggregate over their whole input: past
 # memory_limit, DuckDB spills to temp_directory.
-DUCKDB_STAGES = {"ingest", "text_filter", "url_dedup", "precrawl_balance", "image_dedup",
-                 "balance"}
+DUCKDB_STAGES = {"ingest", "url_dedup", "precrawl_balance", "image_dedup", "balance"}
 MOSTLY_FIXED = 0.25  # a pilot whose per-row part is below this share of its time
 
 
@@ -65,6 +65,19 @@ def _fit(total: float, rows: int, cal: dict[str, Any] | None, key: str) -> tuple
     return fixed, (total - fixed) / rows
 
 
+def _timed_rows(m: StageMeasure, notes: list[str]) -> int:
+    """The rows a pilot stage's seconds were spent on: a crawl resumed from its work folder
+    downloaded only some of them, an embed stage reused some parts."""
+    done = {"crawl": "downloaded_samples", "embed": "images_embedded"}.get(m.name)
+    n = m.report.get(done) if done else None
+    if n is None or n >= m.rows_in:
+        return m.rows_in
+    notes.append(f"the pilot's {m.name} worked on {n:,} of its {m.rows_in:,} rows (the rest "
+                 "came from its work folder, done before): its time is theirs. For a plan, "
+                 "run the pilot from scratch (remove runs/<build>/*.work)")
+    return max(int(n), 1)
+
+
 def makespan(rows: float, per_shard: int, slots: int) -> float:
     """Rows the busiest img2dataset process downloads: shards of per_shard rows (the last one
     shorter) go, in order, to the first free process, each taking time in proportion to its
@@ -81,10 +94,11 @@ def makespan(rows: float, per_shard: int, slots: int) -> float:
 
 
 def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
-               used: dict[str, D.Default]) -> dict[str, Any]:
+               used: dict[str, D.Default], duplicates: str) -> dict[str, Any]:
     scale = rows_in / m.rows_in if m.rows_in else 0.0
     notes: list[str] = []
-    out, keep_model, note = plan_keep.rows_out(pilot.cfg, m, _folder(pilot, m), rows_in)
+    out, keep_model, note = plan_keep.rows_out(pilot.cfg, m, _folder(pilot, m), rows_in,
+                                               duplicates)
     keep = out / rows_in if rows_in else m.kept / max(m.rows_in, 1)
     if note:
         notes.append(note)
@@ -94,22 +108,24 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
         notes.append("no CPU time in report.json (written before witforge recorded it): "
                      "wall time x 1 core; rerun the stage for a measurement")
     cal = m.calibration
-    wf, wv = _fit(m.seconds, m.rows_in, cal, "seconds")
-    cf, cv = _fit(cpu_total, m.rows_in, cal, "cpu_seconds")
+    timed = _timed_rows(m, notes)  # rows the pilot's seconds were spent on
+    wf, wv = _fit(m.seconds, timed, cal, "seconds")
+    cf, cv = _fit(cpu_total, timed, cal, "cpu_seconds")
+    fixed = 0.0
     if m.name == "embed" and not (cal and "rows" in cal):  # bootstrap: its folds' training
         folds = (m.report.get("bootstrap") or {}).get("folds") or []
         fixed = sum(float(f.get("train_seconds") or 0) for f in folds)
         if fixed:
             wf = min(fixed, m.seconds)
-            wv = (m.seconds - wf) / m.rows_in if m.rows_in else 0.0
+            wv = (m.seconds - wf) / timed if timed else 0.0
             cf = cpu_total * wf / m.seconds if m.seconds else 0.0
-            cv = (cpu_total - cf) / m.rows_in if m.rows_in else 0.0
+            cv = (cpu_total - cf) / timed if timed else 0.0
             notes.append(f"bootstrap: its {len(folds)} fold models' training ({fixed:,.0f} s) "
                          "counted as fixed (a set number of steps)")
-    if cal and "skipped" in cal:
+    if cal and "skipped" in cal and not fixed:
         notes.append(f"fixed cost not calibrated ({cal['skipped']}): linear in rows, an "
                      "overstatement for a small pilot")
-    elif m.seconds and wv * m.rows_in < MOSTLY_FIXED * m.seconds:
+    elif m.seconds and wv * timed < MOSTLY_FIXED * m.seconds:
         notes.append(f"the pilot's {m.seconds:.2f} s are mostly start-up "
                      f"({wf:.2f} s): its per-row cost is a rough figure, use a bigger pilot")
     nodes = cl.nodes if m.name in NODE_STAGES else 1
@@ -125,7 +141,7 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
         slots_p = cr.processes
         per_node = max(1, round(cr.processes * cl.cores / m.cores))
         busiest = (makespan(rows_in, cr.per_shard, per_node * cl.nodes)
-                   / makespan(m.rows_in, cr.per_shard, slots_p))
+                   / makespan(timed, cr.per_shard, slots_p))
         wall = wf + (m.seconds - wf) * busiest
         basis += (f"; img2dataset {per_node} processes x {cr.threads} threads per node "
                   "(one per core, as its README advises)")
@@ -164,7 +180,8 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
         name = _model_bottleneck(m, pilot, cpu_total, gpu_h)
     row.update({
         "rows_per_s": round(rows_in / wall, 1) if wall > 0 else None, "basis": basis,
-        "core_hours": round(cpu_s / 3600, 3), "gpu_hours": round(gpu_h, 3) if gpu_h else None,
+        "core_hours": round(cpu_s / 3600, 6), "cpu_seconds": round(cpu_s, 3),
+        "gpu_hours": round(gpu_h, 3) if gpu_h else None,
         "wall_hours": round(wall / 3600, 6), "wall_seconds": round(wall, 3), "nodes": nodes,
         "disk_written_bytes": round(disk), "peak_temp_bytes": round(temp),
         "network_bytes": round(net), "bottleneck": name,
@@ -273,13 +290,14 @@ def _cost(row: dict[str, Any], cl: Cluster, prices: D.Prices) -> float | None:
 
 
 def project(pilot: Pilot, rows: int, cl: Cluster, prices: D.Prices | None = None,
-            epochs: float = D.EPOCHS.value, train_model: str = "ViT-B-32") -> dict[str, Any]:
+            epochs: float = D.EPOCHS.value, train_model: str = "ViT-B-32",
+            duplicates: str = "rate") -> dict[str, Any]:
     """The projection of a ``rows``-row build from the pilot, as plan.json holds it."""
     used: dict[str, D.Default] = {}
     out: list[dict[str, Any]] = []
     n = float(rows)
     for m in pilot.stages:
-        r = _stage_row(m, n, pilot, cl, used)
+        r = _stage_row(m, n, pilot, cl, used, duplicates)
         out.append(r)
         n = r["rows_out"]
     t = _train_row(pilot, n, cl, epochs, train_model, used)
@@ -301,7 +319,7 @@ def project(pilot: Pilot, rows: int, cl: Cluster, prices: D.Prices | None = None
         "pilot": {"run_dir": str(pilot.cfg.run_dir), "rows": first.rows_in,
                   "cores": pilot.cores, "stages_missing": pilot.missing,
                   "loopback_crawl": bool(pilot.crawl and pilot.crawl.loopback)},
-        "cluster": asdict(cl), "stages": out, "totals": totals,
+        "cluster": asdict(cl), "duplicates": duplicates, "stages": out, "totals": totals,
         "defaults": [d.as_json() for d in used.values()],
         "prices": prices.as_json() if prices else None,
         "written": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -335,10 +353,11 @@ def write_plan(plan: dict[str, Any], path: Path) -> Path:
 
 def demo_projection(cfg: BuildConfig) -> str:
     """What `make demo` prints at its end: the 400M projection of the demo build (written to
-    runs/<build>/plan.json first, so the data card shows it)."""
+    runs/<build>/plan.json first, so the data card shows it), without the notes."""
     plan = plan_build(cfg, 400_000_000)
-    write_plan(plan, cfg.run_dir / "plan.json")
-    return format_table(plan)
+    out = write_plan(plan, cfg.run_dir / "plan.json")
+    return (format_table(plan, notes=False) + f"\nper-stage notes: {out}; another cluster: "
+            f"witforge plan --build {cfg.path} --nodes 16 --cores 16 --gpus 8 (docs/plan.md)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -362,6 +381,10 @@ def _parser() -> argparse.ArgumentParser:
                    "LAION-400M runs)")
     p.add_argument("--train-model", default="ViT-B-32", choices=sorted(D.TRAIN_GPU_HOURS),
                    help="the model whose published GPU-hours scale training with --gpus")
+    p.add_argument("--duplicates", choices=["rate", "sample"], default="rate",
+                   help="rate (default): the target has the pilot's duplicate share; sample: "
+                   "the pilot is a random sample of the target's rows, so more duplicates "
+                   "meet at scale (dedup stages keep less)")
     p.add_argument("--no-calibrate", action="store_true", help="do not rerun stages on a tiny "
                    "sample to split start-up from per-row cost (linear in rows)")
     p.add_argument("--json", help="write the projection here (default runs/<build>/plan.json)")
@@ -386,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         cl = Cluster(args.nodes, args.cores or pilot_cores, args.gpus, args.nic_gbps,
                      args.disk_mbps)
         plan = plan_build(cfg, rows, cl, prices=prices, epochs=args.epochs,
-                          train_model=args.train_model, calibrate=not args.no_calibrate)
+                          train_model=args.train_model, duplicates=args.duplicates,
+                          calibrate=not args.no_calibrate)
     except (ValueError, ConfigError, StageError) as e:
         print(f"witforge plan: error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,16 @@
 """How many rows a stage keeps at N rows in, when that is not the pilot's keep ratio.
 
-Most stages judge each row on its own: their keep ratio holds at any size. Two kinds do not:
+Most stages judge each row on its own: their keep ratio holds at any size. Two kinds may not:
 
-* dedup stages (ingest's exact repeats, url_dedup, image_dedup, semantic_dedup): a random
-  pilot holds few of a duplicate's copies, a bigger run more, so the share dropped grows with
-  the rows. The kept count is the number of distinct duplicate groups, which grows like
-  rows^a (Heaps' law); ``a`` is fit on the pilot's own rows, from random halves of them;
+* dedup stages (ingest's exact repeats, url_dedup, image_dedup, semantic_dedup). Whether their
+  share changes depends on how the pilot relates to the target (``--duplicates``):
+  ``rate`` (the default): the target has the pilot's duplicate rate (the pilot is a part of
+  manifests whose copies stay within parts, or the target is more of a web like the pilot's);
+  ``sample``: the pilot is a random sample of the target's rows, so a duplicate's copies are
+  thinned in it and more of them meet at scale. Drawn at rate q, a group of k copies gives
+  E[duplicates] = kq - 1 + (1-q)^k: from r times the rows, between r and r^2 times the
+  pilot's duplicates (r^2 for pairs). The exponent b (duplicates ~ rows^b, 1 <= b <= 2) is
+  fit on random halves of the pilot's own rows;
 * MetaCLIP balancing (balance, precrawl_balance) with a fixed t: an entry's count grows with
   the rows and its cap t does not, so the kept share falls. The expected kept count at scale
   is computed from the pilot's matches (each entry's count times the scale).
@@ -31,23 +36,23 @@ DEDUP_REASONS = {
 }
 
 
-def heaps(folder: Path, reasons: tuple[str, ...]) -> dict[str, Any] | None:
-    """Rows and duplicate groups of a dedup stage, and the exponent a of groups ~ rows^a (the
-    mean over 8 random halves of log(groups / half's groups) / log(rows / half's rows))."""
+def duplicate_growth(folder: Path, reasons: tuple[str, ...]) -> dict[str, Any] | None:
+    """Rows, duplicate groups and duplicates of a dedup stage, and the exponent b of
+    duplicates ~ rows^b: the mean over 8 random halves of log(dups / half's dups) /
+    log(rows / half's rows), clamped to [1, 2] (the bounds of random sampling)."""
     quoted = ", ".join("'" + r + "'" for r in reasons)
     sql = (SQL / "plan_groups.sql").read_text().format(
         kept=folder / "kept.parquet", dropped=folder / "dropped.parquet", reasons=quoted)
     got = duckdb.connect().execute(sql).fetchall()
-    whole = next(((n, g) for s, n, g in got if s == -1), (0, 0))
-    n, g = whole
-    if n < 2 or g < 1:
+    n, g = next(((n, g) for s, n, g in got if s == -1), (0, 0))
+    if n < 2:
         return None
-    slopes = [math.log(g / gh) / math.log(n / nh) for s, nh, gh in got
-              if s >= 0 and 0 < nh < n and gh > 0]
-    if not slopes:
-        return None
-    a = min(1.0, max(0.0, sum(slopes) / len(slopes)))
-    return {"rows": n, "groups": g, "exponent": round(a, 4), "halves": len(slopes)}
+    d = n - g
+    halves = [(nh, nh - gh) for s, nh, gh in got if s >= 0 and 0 < nh < n]
+    slopes = [math.log(d / dh) / math.log(n / nh) for nh, dh in halves if d > 0 and dh > 0]
+    b = min(2.0, max(1.0, sum(slopes) / len(slopes))) if slopes else 2.0
+    return {"rows": n, "groups": g, "duplicates": d, "exponent": round(b, 4),
+            "halves_with_duplicates": len(slopes)}
 
 
 def _poisson_cdf(k: int, lam: float) -> float:
@@ -83,32 +88,37 @@ def balance_expected(folder: Path, scale: float, t: float) -> float:
                  .fetchall()[0][0])
 
 
-def rows_out(cfg: BuildConfig, m: StageMeasure, folder: Path, rows_in: float) -> tuple[
-        float, dict[str, Any] | None, str | None]:
+def rows_out(cfg: BuildConfig, m: StageMeasure, folder: Path, rows_in: float,
+             duplicates: str = "rate") -> tuple[float, dict[str, Any] | None, str | None]:
     """(rows kept at ``rows_in``, the model's figures or None, a note or None)."""
     linear = rows_in * m.kept / m.rows_in if m.rows_in else 0.0
     scale = rows_in / m.rows_in if m.rows_in else 0.0
     if m.name in DEDUP_REASONS and m.rows_in:
-        h = heaps(folder, DEDUP_REASONS[m.name])
+        h = duplicate_growth(folder, DEDUP_REASONS[m.name])
         if h is None:
             return linear, h, None
         # rows dropped for other reasons (unreadable...) keep their share; the rest dedups
         universe = rows_in * h["rows"] / m.rows_in
-        kept = min(h["groups"] * (universe / h["rows"]) ** h["exponent"], linear)
-        # The band. Drawing rows at random from a fixed population, a group of k copies
-        # gives E[dups] = kq - 1 + (1-q)^k at rate q: growing faster than q, slower than q^2
-        # (exactly q^2 for pairs). So from r times the rows, r x to r^2 x the pilot's
-        # duplicates, with the pilot's count at its Poisson bounds.
-        r, found = universe / h["rows"], h["rows"] - h["groups"]
+        r, found = universe / h["rows"], h["duplicates"]
         lo, hi = poisson_band(found)
+        # the band: r to r^2 times the pilot's duplicates, at their Poisson bounds
         h["rows_out_low"] = round(max(0.0, universe - hi * r * max(r, 1.0)))
         h["rows_out_high"] = round(max(0.0, universe - lo * min(r, r * r)))
-        note = (f"duplicates grow with the rows: kept = distinct groups ~ rows^"
-                f"{h['exponent']:.3f} (Heaps' law fit on random halves of the pilot's "
-                f"{h['rows']:,} rows, {h['groups']:,} groups); far beyond the pilot an "
-                f"assumption, not a measurement; {found:,} duplicates found, 95 % band "
-                f"{h['rows_out_low']:,}-{h['rows_out_high']:,} rows out (between r and r^2 times "
-                f"the duplicates, r = {r:,.3g})")
+        h["mode"] = duplicates
+        if duplicates == "rate":
+            note = (f"--duplicates rate: the pilot's duplicate share ({found:,} of "
+                    f"{h['rows']:,} rows) holds at scale; were the pilot a random sample of "
+                    f"the target, up to r^2 = {r * r:,.3g}x its duplicates would meet "
+                    "(--duplicates sample)" if found and r > 1 else None)
+            return linear, h, note
+        # more duplicates, never fewer groups than the pilot's, never more kept than linear
+        kept = universe - found * r ** h["exponent"]
+        kept = min(linear, max(kept, float(h["groups"]) if r >= 1 else 0.0))
+        band = (f"95 % band {h['rows_out_low']:,}-{h['rows_out_high']:,} rows out"
+                if r <= 10 else f"{r:,.3g}x the pilot: an assumption, not a measurement")
+        note = (f"--duplicates sample: {found:,} duplicates in the pilot's {h['rows']:,} rows "
+                f"grow as rows^{h['exponent']:.2f} (fit on random halves of them; between "
+                f"r and r^2 = {r * r:,.3g} times); {band}")
         return kept, h, note
     if m.name in ("balance", "precrawl_balance"):
         b = cfg.precrawl_balance if m.name == "precrawl_balance" else cfg.balance

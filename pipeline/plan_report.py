@@ -70,7 +70,7 @@ def _line(cells: list[str]) -> str:
                                                                        strict=True)).rstrip()
 
 
-def format_table(plan: dict[str, Any]) -> str:
+def format_table(plan: dict[str, Any], notes: bool = True) -> str:
     p, cl = plan["pilot"], plan["cluster"]
     prices = plan.get("prices") or {}
     cur = prices.get("currency", "")
@@ -89,11 +89,12 @@ def format_table(plan: dict[str, Any]) -> str:
              "cost": t.get("cost"), "bottleneck": "stages one after another"}
     lines.append(_line(_cells(total, cur)))
     lines.append("")
-    lines.append("basis per stage (measured = the pilot's own time, split into start-up and "
-                 "per-row cost by a calibration run):")
-    for r in plan["stages"]:
-        lines.append(f"  {r['stage']}: {r.get('basis', '-')}")
-        lines += [f"    - {n}" for n in r.get("notes", [])]
+    if notes:
+        lines.append("basis per stage (measured = the pilot's own time, split into start-up "
+                     "and per-row cost by a calibration run):")
+        for r in plan["stages"]:
+            lines.append(f"  {r['stage']}: {r.get('basis', '-')}")
+            lines += [f"    - {n}" for n in r.get("notes", [])]
     if p.get("stages_missing"):
         lines.append("  not in the pilot (left out): " + ", ".join(p["stages_missing"]))
     if plan["defaults"]:

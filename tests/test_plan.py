@@ -41,7 +41,9 @@ def runs(tmp_path_factory):
         piloted = run_build(pilot)
         measured = run_build(full)
     target = measured["ingest"]["rows_in"]
-    assert plan.main(["--build", str(pilot), "--rows", str(target)]) == 0
+    # the pilot is a random third of the full run's rows: --duplicates sample
+    assert plan.main(["--build", str(pilot), "--rows", str(target),
+                      "--duplicates", "sample"]) == 0
     cfg = load_build(pilot)
     written = json.loads((cfg.run_dir / "plan.json").read_text())
     return {"pilot": pilot, "cfg": cfg, "piloted": piloted, "measured": measured,
@@ -57,9 +59,10 @@ def test_the_pilot_is_a_third(runs):
 def test_rows_are_predicted_within_a_few_percent(runs):
     """Stages that judge each row alone keep the pilot's share; dedup stages drop more as the
     rows grow (a third of the rows holds a ninth of the duplicate pairs), which the plan
-    models. A 100-row pilot holds a handful of duplicates (image_dedup finds 3 to 7 here,
-    depending on the port in the demo web's URLs), so for them the check is that the measured
-    share lies in the plan's 95 % band (the pilot's duplicate count at its Poisson bounds)."""
+    models with --duplicates sample. A 100-row pilot holds a handful of duplicates
+    (image_dedup finds 3 to 7 here, depending on the port in the demo web's URLs), so for
+    them the check is that the measured share lies in the plan's 95 % band (the pilot's
+    duplicate count at its Poisson bounds, r to r^2 times)."""
     rows = {r["stage"]: r for r in runs["plan"]["stages"]}
     assert rows["ingest"]["rows_in"] == runs["target"]
     for name, m in runs["measured"].items():
@@ -73,13 +76,24 @@ def test_rows_are_predicted_within_a_few_percent(runs):
         else:
             assert abs(r["keep_ratio"] - measured) <= 0.03, (name, r["keep_ratio"], measured)
     image_dedup = rows["image_dedup"]["keep_model"]
-    assert image_dedup["exponent"] < 1 and image_dedup["groups"] < image_dedup["rows"]
+    assert image_dedup["mode"] == "sample" and 1 <= image_dedup["exponent"] <= 2
+    assert image_dedup["duplicates"] == image_dedup["rows"] - image_dedup["groups"] > 0
+
+
+def test_duplicates_rate_keeps_the_pilots_share(runs):
+    p = _again(runs, runs["target"], plan.Cluster(1, runs["plan"]["pilot"]["cores"], 0, None,
+                                                  None))
+    assert p["duplicates"] == "rate"
+    for r in p["stages"]:
+        assert r["keep_ratio"] == pytest.approx(r["pilot_keep_ratio"], abs=1e-3), r["stage"]
+    notes = next(r for r in p["stages"] if r["stage"] == "image_dedup")["notes"]
+    assert any("--duplicates sample" in n for n in notes)
 
 
 def test_times_are_predicted_loosely(runs):
     rows = {r["stage"]: r for r in runs["plan"]["stages"]}
     for name, m in runs["measured"].items():
-        wall, cpu = rows[name]["wall_seconds"], rows[name]["core_hours"] * 3600
+        wall, cpu = rows[name]["wall_seconds"], rows[name]["cpu_seconds"]
         # stages of a few tens of ms are noise on a shared machine: a bound in seconds
         assert m["seconds"] / 3 - 0.3 <= wall <= 3 * m["seconds"] + 0.3, (name, wall, m)
         assert m["cpu_seconds"] / 3 - 0.3 <= cpu <= 3 * m["cpu_seconds"] + 0.3, (name, cpu, m)

@@ -1,5 +1,5 @@
--- witforge plan: how a dedup stage's kept count grows with its input (Heaps' law, fit on the
--- pilot's own rows). Every row of the stage (kept + dropped) with its duplicate group: a
+-- witforge plan: how a dedup stage's duplicates grow with its input, fit on the pilot's own
+-- rows (pipeline/plan_keep.py). Every row of the stage (kept + dropped) with its group: a
 -- dropped duplicate's group is the uid its detail names (the kept row it duplicated), or its
 -- own uid (ingest's exact repeats share the kept row's uid); rows dropped for any other
 -- reason are left out (they scale with the rows). For the whole stage and for 8 random halves
