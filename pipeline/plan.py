@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,16 @@ from pipeline import plan_defaults as D
 from pipeline import plan_keep
 from pipeline.config import BuildConfig, ConfigError, load_build
 from pipeline.plan_measure import Pilot, StageMeasure, calibrate, read_pilot
+from pipeline.plan_model import (
+    Cluster,
+    cost,
+    crawl_floors,
+    makespan,
+    robots,
+    sig,
+    timed_rows,
+    train_row,
+)
 from pipeline.plan_report import format_table
 from pipeline.stage import StageError
 
@@ -38,15 +48,6 @@ NODE_STAGES = {"crawl"}
 # memory_limit, DuckDB spills to temp_directory.
 DUCKDB_STAGES = {"ingest", "url_dedup", "precrawl_balance", "image_dedup", "balance"}
 MOSTLY_FIXED = 0.25  # a pilot whose per-row part is below this share of its time
-
-
-@dataclass
-class Cluster:
-    nodes: int
-    cores: int  # per node
-    gpus: int  # per node
-    nic_gbps: float | None
-    disk_mbps: float | None
 
 
 def _fit(total: float, rows: int, cal: dict[str, Any] | None, key: str) -> tuple[float, float]:
@@ -65,34 +66,6 @@ def _fit(total: float, rows: int, cal: dict[str, Any] | None, key: str) -> tuple
     return fixed, (total - fixed) / rows
 
 
-def _timed_rows(m: StageMeasure, notes: list[str]) -> int:
-    """The rows a pilot stage's seconds were spent on: a crawl resumed from its work folder
-    downloaded only some of them, an embed stage reused some parts."""
-    done = {"crawl": "downloaded_samples", "embed": "images_embedded"}.get(m.name)
-    n = m.report.get(done) if done else None
-    if n is None or n >= m.rows_in:
-        return m.rows_in
-    notes.append(f"the pilot's {m.name} worked on {n:,} of its {m.rows_in:,} rows (the rest "
-                 "came from its work folder, done before): its time is theirs. For a plan, "
-                 "run the pilot from scratch (remove runs/<build>/*.work)")
-    return max(int(n), 1)
-
-
-def makespan(rows: float, per_shard: int, slots: int) -> float:
-    """Rows the busiest img2dataset process downloads: shards of per_shard rows (the last one
-    shorter) go, in order, to the first free process, each taking time in proportion to its
-    rows. A shard queue far longer than the processes is rows / processes."""
-    per_shard, slots = max(per_shard, 1), max(slots, 1)
-    full, last = divmod(int(round(rows)), per_shard)
-    if full + (last > 0) > 1000 * slots:
-        return rows / slots
-    free = [0.0] * slots
-    for size in [per_shard] * full + ([last] if last else []):
-        i = min(range(slots), key=free.__getitem__)
-        free[i] += size
-    return max(max(free), 1.0)
-
-
 def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
                used: dict[str, D.Default], duplicates: str) -> dict[str, Any]:
     scale = rows_in / m.rows_in if m.rows_in else 0.0
@@ -108,7 +81,7 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
         notes.append("no CPU time in report.json (written before witforge recorded it): "
                      "wall time x 1 core; rerun the stage for a measurement")
     cal = m.calibration
-    timed = _timed_rows(m, notes)  # rows the pilot's seconds were spent on
+    timed = timed_rows(m, notes)  # rows the pilot's seconds were spent on
     wf, wv = _fit(m.seconds, timed, cal, "seconds")
     cf, cv = _fit(cpu_total, timed, cal, "cpu_seconds")
     fixed = 0.0
@@ -122,7 +95,7 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
             cv = (cpu_total - cf) / timed if timed else 0.0
             notes.append(f"bootstrap: its {len(folds)} fold models' training ({fixed:,.0f} s) "
                          "counted as fixed (a set number of steps)")
-    if cal and "skipped" in cal and not fixed:
+    if cal and "skipped" in cal and not fixed and m.name != "robots":  # robots: per origin
         notes.append(f"fixed cost not calibrated ({cal['skipped']}): linear in rows, an "
                      "overstatement for a small pilot")
     elif m.seconds and wv * timed < MOSTLY_FIXED * m.seconds:
@@ -155,6 +128,8 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
         wall = wf + wv * rows_in * (m.cores / cl.cores)
         if m.name == "embed" and pilot.embed_device == "cuda":
             gpu_h = wall / 3600
+        if m.name == "robots":
+            wall, cpu_s = robots(m, pilot, rows_in, cl, cpu_total, notes, (wall, cpu_s))
     floors = {"model": wall}
     disk = m.disk_bytes / m.rows_in * rows_in if m.rows_in else 0.0
     temp = m.work_bytes * scale if m.name == "crawl" else 0.0
@@ -168,7 +143,7 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
                          "measured")
     net = 0.0
     if m.name == "crawl" and pilot.crawl:
-        _crawl_floors(m, pilot, cl, rows_in, keep, floors, notes, used)
+        crawl_floors(m, pilot, cl, rows_in, keep, floors, notes, used)
         net = rows_in * keep * D.DOWNLOAD_BYTES.value
         used[D.DOWNLOAD_BYTES.name] = D.DOWNLOAD_BYTES
         if cl.nic_gbps:
@@ -180,12 +155,12 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
         name = _model_bottleneck(m, pilot, cpu_total, gpu_h)
     row.update({
         "rows_per_s": round(rows_in / wall, 1) if wall > 0 else None, "basis": basis,
-        "core_hours": round(cpu_s / 3600, 6), "cpu_seconds": round(cpu_s, 3),
-        "gpu_hours": round(gpu_h, 3) if gpu_h else None,
-        "wall_hours": round(wall / 3600, 6), "wall_seconds": round(wall, 3), "nodes": nodes,
+        "core_hours": sig(cpu_s / 3600), "cpu_seconds": round(cpu_s, 3),
+        "gpu_hours": sig(gpu_h) if gpu_h else None,
+        "wall_hours": sig(wall / 3600), "wall_seconds": round(wall, 3), "nodes": nodes,
         "disk_written_bytes": round(disk), "peak_temp_bytes": round(temp),
         "network_bytes": round(net), "bottleneck": name,
-        "floors_hours": {k if k != "model" else "measured rate": round(v / 3600, 4)
+        "floors_hours": {k if k != "model" else "measured rate": sig(v / 3600)
                          for k, v in floors.items()},
         "fixed_seconds": round(wf, 3), "seconds_per_row": round(wv, 9),
         "cpu_fixed_seconds": round(cf, 3), "cpu_seconds_per_row": round(cv, 9),
@@ -206,89 +181,6 @@ def _model_bottleneck(m: StageMeasure, pilot: Pilot, cpu: float, gpu_h: float | 
     return "CPU" if m.name in NODE_STAGES else "CPU (one node)"
 
 
-def _crawl_floors(m: StageMeasure, pilot: Pilot, cl: Cluster, rows_in: float, keep: float,
-                  floors: dict[str, float], notes: list[str],
-                  used: dict[str, D.Default]) -> None:
-    """The politeness floor: the busiest host's rows over its rate (each node's guard keeps
-    the per-domain limits, so a domain's global rate is nodes x the per-node rate)."""
-    cr, c = pilot.crawl, pilot.cfg.crawl
-    assert cr is not None
-    if cr.loopback:
-        notes.append("the pilot crawled the demo web on 127.0.0.1: its rate is a loopback "
-                     f"rate; on the real web img2dataset reports {D.CRAWL_RATE.value:,.0f} "
-                     f"images/s per {D.CRAWL_NODE_CORES}-core 2 Gbps node")
-        used[D.CRAWL_RATE.name] = D.CRAWL_RATE
-    if not c.guard or not cr.hosts:
-        notes.append("no politeness floor: crawl.guard is off (img2dataset has no per-domain "
-                     "limit)" if not c.guard else "no politeness floor: no hosts")
-        return
-    total = sum(n for _, n in cr.hosts) or 1
-    worst, worst_host = 0.0, ""
-    for host, n in cr.hosts:
-        rates = []
-        if c.per_domain_rps > 0:
-            rates.append(c.per_domain_rps)
-        if cr.crawl_delays.get(host):
-            rates.append(1.0 / cr.crawl_delays[host])
-        if cr.mean_request_s:
-            rates.append(c.per_domain_concurrency / cr.mean_request_s)
-        if not rates:
-            continue
-        secs = n / m.rows_in * rows_in / (min(rates) * cl.nodes)
-        if secs > worst:
-            worst, worst_host = secs, host
-    if worst_host:
-        floors[f"politeness ({worst_host})"] = worst
-        share = dict(cr.hosts)[worst_host] / total
-        notes.append(f"politeness floor from {worst_host} ({share:.0%} of the pilot's rows, "
-                     f"{cr.host_count:,} hosts): the pilot's host shares are assumed to hold "
-                     "at scale; rate = min(per_domain_rps, 1/Crawl-delay, "
-                     "per_domain_concurrency / the mean request time) x nodes")
-
-
-def _train_row(pilot: Pilot, rows: float, cl: Cluster, epochs: float, model: str,
-               used: dict[str, D.Default]) -> dict[str, Any] | None:
-    samples = rows * epochs
-    row: dict[str, Any] = {"stage": "train", "rows_in": round(rows), "keep_ratio": None,
-                           "rows_out": None, "samples_seen": round(samples), "nodes": cl.nodes}
-    if cl.gpus > 0:
-        d = D.TRAIN_GPU_HOURS[model]
-        used[d.name] = d
-        gpu_h = d.value * samples / D.LAION400M_SAMPLES_SEEN
-        wall = gpu_h / (cl.nodes * cl.gpus)
-        row.update(rows_per_s=round(samples / (wall * 3600), 1), core_hours=None,
-                   gpu_hours=round(gpu_h, 1), wall_hours=round(wall, 3), bottleneck="GPU",
-                   basis=f"default: {model}, {d.value:,.0f} A100 GPU-hours per 12.8B samples")
-    elif pilot.train and pilot.train.get("samples_per_s"):
-        sps = float(pilot.train["samples_per_s"])
-        wall = samples / (sps * cl.nodes * cl.cores / pilot.cores) / 3600
-        row.update(rows_per_s=round(sps * cl.nodes * cl.cores / pilot.cores, 1),
-                   core_hours=round(samples / sps * pilot.cores / 3600, 1), gpu_hours=None,
-                   wall_hours=round(wall, 3), bottleneck="CPU",
-                   basis=f"measured: the pilot's training, {sps:,.0f} samples/s on "
-                   f"{pilot.cores} cores (its own model)")
-    else:
-        return None
-    row.update(disk_written_bytes=0, peak_temp_bytes=0, network_bytes=0,
-               notes=[f"{epochs:g} epochs over the last stage's rows"])
-    return row
-
-
-def _cost(row: dict[str, Any], cl: Cluster, prices: D.Prices) -> float | None:
-    cost = 0.0
-    if row.get("gpu_hours") and prices.gpu_hour is not None:
-        cost += row["gpu_hours"] * prices.gpu_hour
-    elif row.get("wall_hours") and not row.get("gpu_hours"):
-        held = row["wall_hours"] * row.get("nodes", 1)  # a stage holds its nodes' cores
-        if prices.node_hour is not None:
-            cost += held * prices.node_hour
-        elif prices.core_hour is not None:
-            cost += held * cl.cores * prices.core_hour
-    if row.get("network_bytes") and prices.network_gb is not None:
-        cost += row["network_bytes"] / 1e9 * prices.network_gb
-    return round(cost, 6)
-
-
 def project(pilot: Pilot, rows: int, cl: Cluster, prices: D.Prices | None = None,
             epochs: float = D.EPOCHS.value, train_model: str = "ViT-B-32",
             duplicates: str = "rate") -> dict[str, Any]:
@@ -300,19 +192,19 @@ def project(pilot: Pilot, rows: int, cl: Cluster, prices: D.Prices | None = None
         r = _stage_row(m, n, pilot, cl, used, duplicates)
         out.append(r)
         n = r["rows_out"]
-    t = _train_row(pilot, n, cl, epochs, train_model, used)
+    t = train_row(pilot, n, cl, epochs, train_model, used)
     if t is not None:
         out.append(t)
         if epochs == D.EPOCHS.value:
             used[D.EPOCHS.name] = D.EPOCHS
     if prices is not None:
         for r in out:
-            r["cost"] = _cost(r, cl, prices)
-    totals = {k: round(sum(r.get(k) or 0 for r in out), 6) for k in (
+            r["cost"] = cost(r, cl, prices)
+    totals = {k: sig(sum(r.get(k) or 0 for r in out)) for k in (
         "core_hours", "gpu_hours", "wall_hours", "disk_written_bytes", "network_bytes")}
     totals["peak_temp_bytes"] = max((r.get("peak_temp_bytes") or 0 for r in out), default=0)
     if prices is not None:
-        totals["cost"] = round(sum(r.get("cost") or 0 for r in out), 6)
+        totals["cost"] = sig(sum(r.get("cost") or 0 for r in out))
     first = pilot.stages[0]
     return {
         "build": pilot.cfg.name, "target_rows": rows,

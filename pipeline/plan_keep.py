@@ -55,6 +55,20 @@ def duplicate_growth(folder: Path, reasons: tuple[str, ...]) -> dict[str, Any] |
             "halves_with_duplicates": len(slopes)}
 
 
+def origin_growth(input_path: Path) -> dict[str, Any] | None:
+    """Rows and distinct origins of the robots stage's input, and the exponent e of
+    origins ~ rows^e (the mean over 8 random halves, clamped to [0, 1])."""
+    sql = (SQL / "plan_origins.sql").read_text().format(input=input_path)
+    got = duckdb.connect().execute(sql).fetchall()
+    n, o = next(((n, g) for s, n, g in got if s == -1), (0, 0))
+    slopes = [math.log(o / oh) / math.log(n / nh) for s, nh, oh in got
+              if s >= 0 and 0 < nh < n and oh > 0]
+    if n < 2 or not o or not slopes:
+        return None
+    return {"rows": n, "origins": o,
+            "exponent": round(min(1.0, max(0.0, sum(slopes) / len(slopes))), 4)}
+
+
 def _poisson_cdf(k: int, lam: float) -> float:
     term = total = math.exp(-lam)
     for i in range(1, k + 1):

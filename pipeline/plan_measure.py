@@ -47,7 +47,8 @@ CALIBRATION: dict[str, str] = {
     "decontaminate": "tar", "clip_filter": "rows", "balance": "rows", "shard": "tar",
 }
 NOT_CALIBRATED = {
-    "robots": "fetches every host's robots.txt: calibrating would touch the network",
+    "robots": "fetches every host's robots.txt: calibrating would touch the network; its "
+              "time is split per origin instead",
     "embed": "loads or trains a model: its fixed part is read from the bootstrap's fold "
              "training times instead",
     "semantic_dedup": "reads the embed stage's folder",

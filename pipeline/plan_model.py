@@ -1,0 +1,158 @@
+"""The parts of `witforge plan`'s model that belong to one stage: the crawl's shard queue and
+its floors (politeness, from the busiest host), robots.txt per origin, the timing rows of a
+resumed stage, training, and the cost of a line (pipeline/plan.py puts them together)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline import plan_defaults as D
+from pipeline import plan_keep
+from pipeline.plan_measure import Pilot, StageMeasure
+
+
+def sig(x: float, digits: int = 6) -> float:
+    """x to `digits` significant digits (hours of a tiny pilot and of 400M rows alike)."""
+    return float(f"{x:.{digits}g}")
+
+
+@dataclass
+class Cluster:
+    nodes: int
+    cores: int  # per node
+    gpus: int  # per node
+    nic_gbps: float | None
+    disk_mbps: float | None
+
+
+def timed_rows(m: StageMeasure, notes: list[str]) -> int:
+    """The rows a pilot stage's seconds were spent on: a crawl resumed from its work folder
+    downloaded only some of them, an embed stage reused some parts."""
+    done = {"crawl": "downloaded_samples", "embed": "images_embedded"}.get(m.name)
+    n = m.report.get(done) if done else None
+    if n is None or n >= m.rows_in:
+        return m.rows_in
+    notes.append(f"the pilot's {m.name} worked on {n:,} of its {m.rows_in:,} rows (the rest "
+                 "came from its work folder, done before): its time is theirs. For a plan, "
+                 "run the pilot from scratch (remove runs/<build>/*.work)")
+    return max(int(n), 1)
+
+
+def makespan(rows: float, per_shard: int, slots: int) -> float:
+    """Rows the busiest img2dataset process downloads: shards of per_shard rows (the last one
+    shorter) go, in order, to the first free process, each taking time in proportion to its
+    rows. A shard queue far longer than the processes is rows / processes."""
+    per_shard, slots = max(per_shard, 1), max(slots, 1)
+    full, last = divmod(int(round(rows)), per_shard)
+    if full + (last > 0) > 1000 * slots:
+        return rows / slots
+    free = [0.0] * slots
+    for size in [per_shard] * full + ([last] if last else []):
+        i = min(range(slots), key=free.__getitem__)
+        free[i] += size
+    return max(max(free), 1.0)
+
+
+def robots(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, cpu: float,
+            notes: list[str], linear: tuple[float, float]) -> tuple[float, float]:
+    """robots.txt is fetched once per origin: that part of the stage's time follows the
+    origins (origins ~ rows^e, fit on random halves of the pilot's input), the rest the rows."""
+    fetch, fetched = m.report.get("robots_fetch_seconds"), m.report.get("robots_fetched")
+    i = pilot.stages.index(m)
+    prev = pilot.cfg.run_dir / pilot.stages[i - 1].folder / "kept.parquet" if i else None
+    g = plan_keep.origin_growth(prev) if fetch and fetched and prev else None
+    if g is None or not m.seconds:
+        return linear
+    scale = rows_in / m.rows_in
+    origins = g["origins"] * scale ** g["exponent"]
+    share = min(1.0, fetch / m.seconds)
+    wall = (m.seconds - fetch) * scale * m.cores / cl.cores + fetch / fetched * origins
+    cpu_s = cpu * (1 - share) * scale + cpu * share * origins / fetched
+    notes.append(f"robots.txt once per origin: {g['origins']:,} in the pilot, ~{origins:,.0f} at "
+                 f"this size (origins ~ rows^{g['exponent']:.2f}, fit on random halves of the "
+                 f"pilot's input), {fetch / fetched:.3g} s each as in the pilot")
+    return wall, cpu_s
+
+
+def crawl_floors(m: StageMeasure, pilot: Pilot, cl: Cluster, rows_in: float, keep: float,
+                  floors: dict[str, float], notes: list[str],
+                  used: dict[str, D.Default]) -> None:
+    """The politeness floor: the busiest host's rows over its rate (each node's guard keeps
+    the per-domain limits, so a domain's global rate is nodes x the per-node rate)."""
+    cr, c = pilot.crawl, pilot.cfg.crawl
+    assert cr is not None
+    if cr.loopback:
+        notes.append("the pilot crawled the demo web on 127.0.0.1: its rate is a loopback "
+                     f"rate; on the real web img2dataset reports {D.CRAWL_RATE.value:,.0f} "
+                     f"images/s per {D.CRAWL_NODE_CORES}-core 2 Gbps node")
+        used[D.CRAWL_RATE.name] = D.CRAWL_RATE
+    if not c.guard or not cr.hosts:
+        notes.append("no politeness floor: crawl.guard is off (img2dataset has no per-domain "
+                     "limit)" if not c.guard else "no politeness floor: no hosts")
+        return
+    total = sum(n for _, n in cr.hosts) or 1
+    worst, worst_host = 0.0, ""
+    for host, n in cr.hosts:
+        rates = []
+        if c.per_domain_rps > 0:
+            rates.append(c.per_domain_rps)
+        if cr.crawl_delays.get(host):
+            rates.append(1.0 / cr.crawl_delays[host])
+        if cr.mean_request_s:
+            rates.append(c.per_domain_concurrency / cr.mean_request_s)
+        if not rates:
+            continue
+        secs = n / m.rows_in * rows_in / (min(rates) * cl.nodes)
+        if secs > worst:
+            worst, worst_host = secs, host
+    if worst_host:
+        floors[f"politeness ({worst_host})"] = worst
+        share = dict(cr.hosts)[worst_host] / total
+        notes.append(f"politeness floor from {worst_host} ({share:.0%} of the pilot's rows, "
+                     f"{cr.host_count:,} hosts): the pilot's host shares are assumed to hold "
+                     "at scale; rate = min(per_domain_rps, 1/Crawl-delay, "
+                     "per_domain_concurrency / the mean request time) x nodes")
+
+
+def train_row(pilot: Pilot, rows: float, cl: Cluster, epochs: float, model: str,
+               used: dict[str, D.Default]) -> dict[str, Any] | None:
+    samples = rows * epochs
+    row: dict[str, Any] = {"stage": "train", "rows_in": round(rows), "keep_ratio": None,
+                           "rows_out": None, "samples_seen": round(samples), "nodes": cl.nodes}
+    if cl.gpus > 0:
+        d = D.TRAIN_GPU_HOURS[model]
+        used[d.name] = d
+        gpu_h = d.value * samples / D.LAION400M_SAMPLES_SEEN
+        wall = gpu_h / (cl.nodes * cl.gpus)
+        row.update(rows_per_s=round(samples / (wall * 3600), 1), core_hours=None,
+                   gpu_hours=sig(gpu_h), wall_hours=sig(wall), bottleneck="GPU",
+                   basis=f"default: {model}, {d.value:,.0f} A100 GPU-hours per 12.8B samples")
+    elif pilot.train and pilot.train.get("samples_per_s"):
+        sps = float(pilot.train["samples_per_s"])
+        wall = samples / (sps * cl.nodes * cl.cores / pilot.cores) / 3600
+        row.update(rows_per_s=round(sps * cl.nodes * cl.cores / pilot.cores, 1),
+                   core_hours=sig(samples / sps * pilot.cores / 3600), gpu_hours=None,
+                   wall_hours=sig(wall), bottleneck="CPU",
+                   basis=f"measured: the pilot's training, {sps:,.0f} samples/s on "
+                   f"{pilot.cores} cores (its own model)")
+    else:
+        return None
+    row.update(disk_written_bytes=0, peak_temp_bytes=0, network_bytes=0,
+               notes=[f"{epochs:g} epochs over the last stage's rows"])
+    return row
+
+
+def cost(row: dict[str, Any], cl: Cluster, prices: D.Prices) -> float | None:
+    cost = 0.0
+    if row.get("gpu_hours") and prices.gpu_hour is not None:
+        cost += row["gpu_hours"] * prices.gpu_hour
+    elif row.get("wall_hours") and not row.get("gpu_hours"):
+        held = row["wall_hours"] * row.get("nodes", 1)  # a stage holds its nodes' cores
+        if prices.node_hour is not None:
+            cost += held * prices.node_hour
+        elif prices.core_hour is not None:
+            cost += held * cl.cores * prices.core_hour
+    if row.get("network_bytes") and prices.network_gb is not None:
+        cost += row["network_bytes"] / 1e9 * prices.network_gb
+    return sig(cost)
