@@ -190,10 +190,12 @@ def crawl_facts(cfg: BuildConfig) -> CrawlFacts:
 
 # ---- calibration ----------------------------------------------------------------------------
 
-def calibrate(pilot: Pilot, cache: dict[str, Any] | None = None) -> None:
+def calibrate(pilot: Pilot, cache: dict[str, Any] | None = None,
+              skip: dict[str, str] | None = None) -> None:
     """Set ``calibration`` on every stage that can be run again on a tiny sample: {rows,
     seconds, cpu_seconds} of that run, or {skipped: why}. ``cache`` is the last plan.json's
-    calibrations by stage: reused when the stage's fingerprint is unchanged."""
+    calibrations by stage: reused when the stage's fingerprint is unchanged; ``skip``: stage
+    -> why it is not calibrated this time."""
     cfg = pilot.cfg
     scratch = cfg.run_dir / f".plan-calibration-{os.getpid()}"
     try:
@@ -203,8 +205,9 @@ def calibrate(pilot: Pilot, cache: dict[str, Any] | None = None) -> None:
                 m.calibration = old
                 continue
             how = CALIBRATION.get(m.name)
-            if how is None:
-                m.calibration = {"skipped": NOT_CALIBRATED.get(m.name, "not calibrated")}
+            if how is None or m.name in (skip or {}):
+                m.calibration = {"skipped": (skip or {}).get(m.name) or NOT_CALIBRATED.get(
+                    m.name, "not calibrated")}
                 continue
             try:
                 m.calibration = _run_sample(cfg, m, how, scratch / m.name)
