@@ -134,7 +134,7 @@ def read_pilot(cfg: BuildConfig) -> Pilot:
             input_bytes=inp.stat().st_size if inp and inp.exists() else 0,
             fingerprint=str(r.get("fingerprint", "")), report=r))
     if not stages:
-        raise StageError(f"witforge plan: build {cfg.name} has no finished stage under "
+        raise StageError(f"build {cfg.name} has no finished stage under "
                          f"{cfg.run_dir}: run the pilot first (witforge run --build {cfg.path})")
     pilot = Pilot(cfg, stages, cores=max(s.cores for s in stages), missing=missing)
     names = {s.name for s in stages}
