@@ -43,34 +43,53 @@ CLIPART = Path("/usr/share/openclipart/png")
 FIXTURE = REPO / "pipeline" / "demoweb" / "fixture" / "images"
 
 
-def _crawl_like_jpegs(n: int) -> tuple[list[bytes], str]:
-    """n JPEGs as the crawl stores them (longer side 256 px, q95) from real images."""
+def clipart_files() -> tuple[list[Path], str]:
+    """The real images the image benches use, in a fixed shuffled order, and their origin."""
     files = sorted(CLIPART.rglob("*.png")) if CLIPART.is_dir() else []
     origin = "openclipart-png"
     if not files:
         files, origin = sorted(FIXTURE.glob("*.jpg")), "demo fixture"
     random.Random(0).shuffle(files)
+    return files, origin
+
+
+def on_white(path: Path) -> Image.Image | None:
+    """The image flattened on white (clip art is mostly transparent), or None if unusable."""
+    try:
+        im = Image.open(path)
+        if im.width * im.height > 16_000_000:
+            return None  # a few posters are huge; the crawl would have thumbnailed them
+        im = im.convert("RGBA")
+    except (OSError, Image.DecompressionBombError):
+        return None
+    with im:
+        bg = Image.new("RGB", im.size, "white")
+        bg.paste(im, mask=im.getchannel("A"))
+    return bg
+
+
+def crawl_jpeg(img: Image.Image, side: int = 256, quality: int = 95) -> bytes:
+    """The image as the crawl stores it: longer side ``side`` px, JPEG at ``quality``."""
+    bg = img.copy()
+    bg.thumbnail((side, side)) if max(bg.size) > side else None
+    if max(bg.size) < side:
+        s = side / max(bg.size)
+        bg = bg.resize((max(1, round(bg.width * s)), max(1, round(bg.height * s))))
+    buf = io.BytesIO()
+    bg.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _crawl_like_jpegs(n: int, side: int = 256) -> tuple[list[bytes], str]:
+    """n JPEGs as the crawl stores them (longer side ``side`` px, q95) from real images."""
+    files, origin = clipart_files()
     out: list[bytes] = []
     for f in files:
         if len(out) >= n:
             break
-        try:
-            im = Image.open(f)
-            if im.width * im.height > 16_000_000:
-                continue  # a few posters are huge; the crawl would have thumbnailed them
-            im = im.convert("RGBA")
-        except (OSError, Image.DecompressionBombError):
-            continue
-        with im:
-            bg = Image.new("RGB", im.size, "white")
-            bg.paste(im, mask=im.getchannel("A"))
-            bg.thumbnail((256, 256)) if max(bg.size) > 256 else None
-            if max(bg.size) < 256:
-                s = 256 / max(bg.size)
-                bg = bg.resize((max(1, round(bg.width * s)), max(1, round(bg.height * s))))
-            buf = io.BytesIO()
-            bg.save(buf, "JPEG", quality=95)
-            out.append(buf.getvalue())
+        img = on_white(f)
+        if img is not None:
+            out.append(crawl_jpeg(img, side))
     return out, origin
 
 

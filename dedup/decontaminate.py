@@ -51,7 +51,7 @@ def fingerprint_inputs(cfg: BuildConfig, spec: StageSpec) -> dict:
     for name, _, tar in eval_tars(cfg):
         st = os.stat(tar)
         files.append([name, str(tar), st.st_size, st.st_mtime_ns])
-    return {"eval_tars": files}
+    return {"eval_tars": files, "phash_decode": cfg.image_dedup.phash_decode}
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -65,12 +65,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
         con.execute("CREATE TEMP TABLE hashed AS SELECT *, NULL::VARCHAR AS phash_error FROM src")
     else:
         report.update(attach_phash(con, ctx.cfg.run_dir, ctx.work_dir / "phash",
-                                   ctx.cfg.image_dedup.workers))
+                                   ctx.cfg.image_dedup.workers,
+                                   decode=ctx.cfg.image_dedup.phash_decode))
 
     # eval images: pHash every image member of every eval tar
     tars = eval_tars(ctx.cfg)
+    # eval images are hashed as the training rows were (image_dedup's decode)
     files = hash_tars([str(t) for _, _, t in tars], ctx.work_dir / "phash_eval",
-                      ctx.cfg.image_dedup.workers, desc="pHash eval")
+                      ctx.cfg.image_dedup.workers, desc="pHash eval",
+                      decode=ctx.cfg.image_dedup.phash_decode)
     meta = pa.table({
         "abs": [str(t) for _, _, t in tars], "set_name": [n for n, _, _ in tars],
         "tar_rel": [str(t.relative_to(f)) for _, f, t in tars],

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dedup.lsh import components, default_bands, near_pairs
+from dedup.lsh import components, near_pairs
 from dedup.phash import attach_phash
 from pipeline.stage import StageContext
 
@@ -42,7 +42,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     report: dict[str, Any] = {}
     started = time.time()
     if cfg.phash:
-        report.update(attach_phash(con, ctx.cfg.run_dir, ctx.work_dir / "phash", cfg.workers))
+        report.update(attach_phash(con, ctx.cfg.run_dir, ctx.work_dir / "phash", cfg.workers,
+                                   decode=cfg.phash_decode))
         report["phash_seconds"] = round(time.time() - started, 2)
     else:
         con.execute("CREATE TEMP TABLE hashed AS SELECT *, NULL::UBIGINT AS phash, "
@@ -58,19 +59,22 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     con.execute("CREATE TEMP TABLE near_drop (uid VARCHAR, kept_uid VARCHAR)")
     if cfg.phash:
-        bands = cfg.phash_bands or default_bands(cfg.phash_max_distance)
         t0 = time.time()
         con.execute(_sql("image_phash_values.sql"))
-        pairs = near_pairs(con, "hv", None, cfg.phash_max_distance, bands, "ph_pairs")
+        lsh: dict[str, Any] = {}
+        pairs = near_pairs(con, "hv", None, cfg.phash_max_distance, cfg.phash_bands, "ph_pairs",
+                           max_bucket=cfg.lsh_max_bucket, stats=lsh)
         edges = con.execute("SELECT a, b FROM ph_pairs").fetchnumpy()
         nodes, roots = components(edges["a"], edges["b"])
         con.register("comp_arrow", {"id": nodes, "root": roots})
         con.execute("CREATE TEMP TABLE comp AS SELECT * FROM comp_arrow")
         con.execute(_sql("image_phash_drop.sql"))
         report.update({
-            "phash_max_distance": cfg.phash_max_distance, "lsh_bands": bands,
-            # pigeonhole: pairs closer than the number of bands always share a band
-            "lsh_recall_complete": bands > cfg.phash_max_distance,
+            "phash_max_distance": cfg.phash_max_distance, "lsh_bands": lsh["blocks"],
+            "lsh_tables": lsh["tables"], "lsh_hot_buckets": lsh["hot_buckets"],
+            "lsh_hot_rows": lsh["hot_rows"],
+            # pigeonhole: every pair within k shares a table's blocks, unless a bucket was capped
+            "lsh_recall_complete": lsh["recall_complete"],
             "distinct_phashes": con.execute("SELECT count(*) FROM hv").fetchall()[0][0],
             "near_pairs": pairs, "near_clusters": int(len(set(roots.tolist()))),
             "lsh_seconds": round(time.time() - t0, 2),

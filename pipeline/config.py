@@ -132,7 +132,14 @@ class ImageDedupConfig:
     sha256: bool = True
     phash: bool = True
     phash_max_distance: int = 4
-    phash_bands: int = 0  # 0 = phash_max_distance + 1: LSH then finds every pair (pigeonhole)
+    # exact = the imagehash algorithm; draft = JPEGs decoded at 1/2-1/8 scale, 3-5x faster,
+    # not bit-identical (docs/stages.md#08-image_dedup has its agreement with exact)
+    phash_decode: str = "exact"
+    # LSH blocks B (dedup/lsh.py); 0 = chosen from the row count. B > phash_max_distance finds
+    # every pair (pigeonhole); fewer blocks may miss pairs
+    phash_bands: int = 0
+    # a band bucket with more rows meets only its this many smallest ids; 0 = no cap
+    lsh_max_bucket: int = 1000
     workers: int = 2  # processes computing pHashes (one tar at a time each)
 
 
@@ -419,7 +426,12 @@ def _validate(cfg: BuildConfig) -> None:
     if not 0 <= cfg.image_dedup.phash_max_distance <= 63:
         fail("image_dedup.phash_max_distance", "must be between 0 and 63 (bits of a 64-bit hash)")
     if not 0 <= cfg.image_dedup.phash_bands <= 64:
-        fail("image_dedup.phash_bands", "must be between 1 and 64 (0 = max distance + 1)")
+        fail("image_dedup.phash_bands", "must be between 1 and 64 (0 = chosen from the rows)")
+    if cfg.image_dedup.phash_decode not in ("exact", "draft"):
+        fail("image_dedup.phash_decode", f"must be exact or draft, got "
+             f"{cfg.image_dedup.phash_decode!r}")
+    if cfg.image_dedup.lsh_max_bucket < 0 or 0 < cfg.image_dedup.lsh_max_bucket < 2:
+        fail("image_dedup.lsh_max_bucket", "must be >= 2 rows (0 = no cap)")
     if cfg.image_dedup.workers < 1:
         fail("image_dedup.workers", "must be >= 1")
     if cfg.shard.workers < 1:
