@@ -8,7 +8,10 @@
   scipy.fftpack DCT) on the same images, one core. Goal: draft ≥ 3× the peer.
 * Agreement: bit differences draft vs exact; planted near-duplicate pairs (recompressed q50,
   a smaller copy, 3 % cropped, grey) found and missed at k = image_dedup.phash_max_distance;
-  pairs of different clip-art files within k (the whole openclipart-png set unless --quick).
+  pairs of different clip-art files within k (the whole openclipart-png set unless --quick);
+  and, given a finished demo build (``--demo-run``, default runs/demo), the image_dedup stage
+  run on its crawl with each decode: rows dropped by both, by one only, and what its truth
+  table says they were.
 
 Images are real clip art (Debian openclipart-png) stored the way the crawl stores them
 (JPEG q95, longer side 256 and 512 px). Steps run in alternating rounds, medians reported.
@@ -24,6 +27,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -34,6 +38,7 @@ from PIL import Image
 
 from bench.bench_dedup_shard import clipart_files, crawl_jpeg, on_white
 from dedup import phash
+from dedup.lsh import components
 from pipeline.config import ImageDedupConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +140,15 @@ def _pairs_within(h: np.ndarray) -> set[tuple[int, int]]:
     return out
 
 
+def _clusters(pairs: set[tuple[int, int]]) -> tuple[set[int], int]:
+    """(images in a near-duplicate cluster, images the stage would drop: all but one each)."""
+    if not pairs:
+        return set(), 0
+    a, b = (np.array(x) for x in zip(*pairs, strict=True))
+    nodes, roots = components(a, b)
+    return set(nodes.tolist()), len(nodes) - len(set(roots.tolist()))
+
+
 def _found_missed(exact: set, draft: set) -> dict:
     return {"exact": len(exact), "draft": len(draft), "both": len(exact & draft),
             "exact_only_missed_by_draft": len(exact - draft),
@@ -180,21 +194,70 @@ def bench_agreement(files: list[Path], n_planted: int) -> dict:
     tot = {k: sum(v[k] for v in per_variant.values())
            for k in ("pairs", "found_exact", "found_draft", "found_both",
                      "exact_only_missed_by_draft", "draft_only")}
-    ex, dr = np.array(exact, np.uint64), np.array(draft, np.uint64)
+    pe = _pairs_within(np.array(exact, np.uint64))
+    pd = _pairs_within(np.array(draft, np.uint64))
+    (ce, de), (cd, dd) = _clusters(pe), _clusters(pd)
     return {
         "k": K, "bit_differences_256px": _bits(exact, draft),
         "planted_pairs": {"per_variant": per_variant, "total": tot,
                           "recall_draft_of_exact": round(tot["found_both"] / tot["found_exact"],
                                                          4)},
-        "clipart_pairs_within_k": {"images": len(exact), **_found_missed(_pairs_within(ex),
-                                                                         _pairs_within(dr))},
+        "clipart_pairs_within_k": {"images": len(exact), **_found_missed(pe, pd)},
+        "clipart_clustered_images": {**_found_missed(ce, cd), "would_drop_exact": de,
+                                     "would_drop_draft": dd},
     }
+
+
+def bench_demo(demo_run: Path, tmp: Path) -> dict | None:
+    """Run image_dedup on a finished demo build's crawl with exact and with draft decoding."""
+    import duckdb
+
+    from pipeline.config import load_build
+    from pipeline.stage import run_stage
+
+    src = demo_run / "07_image_filter" / "kept.parquet"
+    if not (src.is_file() and (demo_run / "06_crawl.work").is_dir()):
+        return None
+    (tmp / "m.csv").write_text("url,caption\nhttp://127.0.0.1/a.jpg,a\n")
+    (tmp / "b.yaml").write_text(f"name: demo\nruns_dir: {tmp / 'runs'}\nsources:\n"
+                                "  - path: m.csv\nimage_dedup:\n  workers: 1\n")
+    cfg = load_build(tmp / "b.yaml")
+    up = cfg.run_dir / "07_image_filter"
+    up.mkdir(parents=True)
+    (up / "kept.parquet").symlink_to(src)
+    (up / "report.json").write_text(json.dumps({"fingerprint": "demo", "kept": 0}))
+    (up / "_SUCCESS").write_text("")
+    (cfg.run_dir / "06_crawl.work").symlink_to(demo_run / "06_crawl.work")
+    dropped, reports = {}, {}
+    for decode in ("exact", "draft"):
+        cfg.image_dedup.phash_decode = decode
+        reports[decode] = run_stage(cfg, "image_dedup", force=True, log=lambda s: None)
+        dropped[decode] = {r[0]: r[1] for r in duckdb.sql(
+            f"SELECT uid, reason FROM '{cfg.run_dir / '08_image_dedup' / 'dropped.parquet'}'"
+        ).fetchall()}
+    near = {d: {u for u, r in v.items() if r == "near_duplicate_image"} for d, v in dropped.items()}
+    out: dict = {"demo_run": str(demo_run), "rows": reports["exact"]["rows_in"],
+                 "near_duplicate_image_drops": _found_missed(near["exact"], near["draft"])}
+    truth = demo_run / "truth.parquet"
+    if truth.is_file():
+        kinds = dict(duckdb.sql(f"SELECT uid, kind FROM '{truth}'").fetchall())
+        by_kind: dict = {}
+        for decode, rows in dropped.items():
+            for uid in rows:
+                k = kinds.get(uid, "?")
+                if k in ("clean", "near_duplicate"):
+                    by_kind.setdefault(k, {}).setdefault(decode, 0)
+                    by_kind[k][decode] += 1
+        out["dropped_by_truth_kind"] = by_kind
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench_phash", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small inputs (a smoke run, ~20 s)")
+    p.add_argument("--demo-run", type=Path, default=REPO / "runs" / "demo",
+                   help="a finished demo build folder whose crawl image_dedup reruns both ways")
     args = p.parse_args(argv)
     n_img, rounds = (150, 3) if args.quick else (800, 5)
     files, origin = clipart_files()
@@ -212,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         print(side, json.dumps(speed[f"{side}px"]["images_per_s_per_core"]), file=sys.stderr)
     agree = bench_agreement(files[:n_img] if args.quick else files, 200 if args.quick else 800)
     print(json.dumps(agree["planted_pairs"]["total"]), file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="bench_phash_") as d:
+        demo = None if args.quick else bench_demo(args.demo_run, Path(d))
+    if demo:
+        agree["demo"] = demo
+        print(json.dumps(demo), file=sys.stderr)
     result = {
         "area": "phash", "quick": args.quick, "machine": platform.machine(),
         "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 1),
@@ -226,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             "planted_recall_draft_of_exact": agree["planted_pairs"]["recall_draft_of_exact"],
             "clipart_pairs_within_k": {k: agree["clipart_pairs_within_k"][k]
                                        for k in ("exact", "draft", "both")},
+            **({"demo_near_duplicate_drops": agree["demo"]["near_duplicate_image_drops"]}
+               if "demo" in agree else {}),
         },
         "command": "python -m bench.bench_phash" + (" --quick" if args.quick else ""),
     }

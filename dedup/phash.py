@@ -83,7 +83,6 @@ def _cv2_flags() -> dict[int, int] | None:
         import cv2
     except ImportError:
         return None
-    cv2.setNumThreads(1)  # one image is far too small to share; the workers are processes
     keep = cv2.IMREAD_IGNORE_ORIENTATION  # PIL does not apply EXIF orientation either
     return {1: cv2.IMREAD_GRAYSCALE | keep, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2 | keep,
             4: cv2.IMREAD_REDUCED_GRAYSCALE_4 | keep, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8 | keep}
