@@ -60,6 +60,21 @@ def test_draft_decodes_the_same_pixels_with_opencv_and_pil(side):
             assert min(fast.size) >= 32 or s == 1
 
 
+def test_draft_handles_progressive_grey_and_cmyk_jpegs():
+    for mode in ("RGB", "L", "CMYK"):
+        for progressive in (False, True):
+            buf = io.BytesIO()
+            drawn_image(4, 300).convert(mode).save(buf, "JPEG", quality=85,
+                                                   progressive=progressive)
+            data = buf.getvalue()
+            fast, pil = draft_grey(data), draft_grey(data, use_cv2=False)
+            assert np.array_equal(np.asarray(fast), np.asarray(pil)), (mode, progressive)
+            # CMYK has no luma channel to decode alone: it takes the exact path
+            assert (fast.size == (300, 300)) == (mode == "CMYK")
+            if mode == "CMYK":
+                assert phash_bytes(data, "draft") == phash_bytes(data)
+
+
 def test_draft_hashes_agree_with_exact_within_the_measured_agreement():
     # bench/bench_phash.py on the 8,102 openclipart images: most within a few bits; on these
     # committed ones (real clip art and drawn shapes) every hash is within k = 4 of exact
