@@ -297,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             **({"demo_near_duplicate_drops": agree["demo"]["near_duplicate_image_drops"]}
                if "demo" in agree else {}),
         },
-        "command": "python -m bench.bench_phash" + (" --quick" if args.quick else ""),
+        "command": "python -m bench.bench_phash" + (" --quick" if args.quick else "")
+                   + (f" --demo-run {args.demo_run}" if demo and args.demo_run
+                      != REPO / "runs" / "demo" else ""),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
