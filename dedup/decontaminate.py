@@ -88,7 +88,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     con.execute("CREATE TEMP TABLE train_h AS SELECT row_number() OVER (ORDER BY uid) AS id, "
                 "uid, phash AS h FROM hashed WHERE phash IS NOT NULL")
     bands = default_bands(cfg.max_distance)
-    near_pairs(con, "train_h", "eval_h", cfg.max_distance, bands, "dc_pairs")
+    # no hot-bucket cap: a contaminated row must never be missed
+    near_pairs(con, "train_h", "eval_h", cfg.max_distance, bands, "dc_pairs", max_bucket=0)
     con.execute(_MATCH_SQL)
 
     stage = ctx.spec.name
