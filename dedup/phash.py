@@ -11,7 +11,7 @@ exact ties (flat images) hash the same on every machine.
 JPEGs: pHash looks only at a 32×32 grey image, so it decodes the luma channel alone at 1/2,
 1/4 or 1/8 scale in libjpeg's DCT domain (the largest reduction that keeps both sides ≥ 32,
 PIL's ``Image.draft`` rule), then resizes and hashes as above. Most of the exact path's time
-is the full colour decode and the Lanczos pass over the full image; this skips both (3-5×
+is the full colour decode and the Lanczos pass over the full image; this skips both (3.6-6×
 faster, bench/bench_phash.py). The scaled decode runs in OpenCV (img2dataset's own
 dependency, already installed), which gives the same pixels as PIL's draft decode with less
 overhead; PIL's draft decode is the fallback. Other formats (PNG, WebP) take the exact path.

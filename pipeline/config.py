@@ -132,7 +132,7 @@ class ImageDedupConfig:
     sha256: bool = True
     phash: bool = True
     phash_max_distance: int = 4
-    # exact = the imagehash algorithm; draft = JPEGs decoded at 1/2-1/8 scale, 3-5x faster,
+    # exact = the imagehash algorithm; draft = JPEGs decoded at 1/2-1/8 scale, 3.6-6x faster,
     # not bit-identical (docs/stages.md#08-image_dedup has its agreement with exact)
     phash_decode: str = "exact"
     # LSH blocks B (dedup/lsh.py); 0 = chosen from the row count. B > phash_max_distance finds
