@@ -163,7 +163,11 @@ def run_demo(cfg: BuildConfig, until: str | None = None, train: bool = True,
     still_missing = {} if fixture_only else ensure_installed()
     pool_dir = assemble_pool(data_dir, prefer_system=not fixture_only)
     prepare_side_data(cfg, pool_dir, data_dir)
-    port = PREFERRED_PORT if _free(PREFERRED_PORT) else 0
+    # the port the manifests were last written for, else the preferred one, else any: a rerun
+    # keeps its manifests (and every stage) when another demo holds the preferred port
+    last = data_dir / "manifests" / "web.json"
+    ports = [int(json.loads(last.read_text())["port"])] if last.is_file() else []
+    port = next((p for p in [*ports, PREFERRED_PORT] if _free(p)), 0)
     with DemoWeb(pool_dir, port=port) as web:
         print(f"demo web serving {pool_dir} at {web.base_url}")
         with tempfile.TemporaryDirectory() as tmp:

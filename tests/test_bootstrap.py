@@ -91,7 +91,9 @@ def test_folds_never_score_a_pair_they_trained_on(tmp_path):
 
     # the truth table's hook: AUC per noise kind
     auc = report["bootstrap"]["auc_by_kind"]["swapped"]
-    assert auc["n"] == 7 and auc["clean"] == 28 and 0 <= auc["auc"] <= 1
+    swapped = sum(u.endswith("-swapped") for u in kept)  # every 5th pair, the broken one not
+    assert swapped == 8 and auc["n"] == swapped and auc["clean"] == len(kept) - swapped
+    assert 0 <= auc["auc"] <= 1
 
     # a rerun reuses every fold (no training), and gives the same scores
     mtimes = {k: (work / f"fold_{k}" / "train" / "model.pt").stat().st_mtime_ns for k in range(3)}

@@ -112,7 +112,12 @@ def test_the_card_renders_in_a_real_browser(built: Path) -> None:
         blocks = d.execute_script("""return Array.from(document.querySelectorAll(
             '.reason-block')).map(b => [b.id, b.querySelectorAll('.tile').length])""")
         ids = {i for i, _ in blocks}
-        assert "reason-02_text_filter-two_words" in ids and all(n > 0 for _, n in blocks)
+        run = load_build(y).run_dir
+        reasons = {f"reason-{f.name}-{r}" for f in run.iterdir() if (f / "_SUCCESS").is_file()
+                   for (r,) in duckdb.sql(f"SELECT DISTINCT reason FROM "
+                                          f"'{f / 'dropped.parquet'}'").fetchall()}
+        assert "reason-02_text_filter-junk_caption" in reasons  # the hostile rows' filter
+        assert ids == reasons and all(n > 0 for _, n in blocks)
         # thumbnails really load (decoded pixels), in the drops and the kept grid
         loaded = """return Array.from(document.querySelectorAll(arguments[0] + ' img'))
             .filter(i => i.complete && i.naturalWidth > 0).length"""
