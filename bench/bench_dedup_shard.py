@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import random
@@ -34,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from bench import write_results
 from dedup.lsh import default_bands, near_pairs
 from dedup.phash import hash_tars, phash_tar
 
@@ -288,9 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "command": "python -m bench.bench_dedup_shard" + (" --quick" if args.quick else ""),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["summary"], indent=1))
+    write_results(RESULTS, result)
     return 0
 
 

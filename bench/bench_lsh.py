@@ -33,6 +33,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from bench import write_results
 from dedup.lsh import (
     DEFAULT_MAX_BUCKET,
     _estimated_cost,
@@ -236,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
            if "plain_1m" in result else {}),
     }
     result["command"] = "python -m bench.bench_lsh" + (" --quick" if args.quick else "")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["summary"], indent=1))
+    write_results(RESULTS, result)
     return 0
 
 

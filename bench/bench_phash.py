@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench import write_results
 from bench.bench_dedup_shard import clipart_files, crawl_jpeg, on_white
 from dedup import phash
 from dedup.lsh import components
@@ -301,9 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                    + (f" --demo-run {args.demo_run}" if demo and args.demo_run
                       != REPO / "runs" / "demo" else ""),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["summary"], indent=1))
+    write_results(RESULTS, result)
     return 0
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import write_results
 from dedup.semantic import MAX_POINTS_PER_CENTROID, cluster_order, semdedup
 from pipeline.embeddings import normalise
 
@@ -238,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "command": "python -m bench.bench_semantic" + (" --quick" if args.quick else ""),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result["summary"], indent=1))
+    write_results(RESULTS, result)
     return 0
 
 
