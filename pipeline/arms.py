@@ -12,6 +12,12 @@ What ``raw`` keeps, and why: ingest (its exact-repeat collapse of identical url+
 downloader's input list would hold once), robots.txt (politeness, not curation), the crawl, and
 decontamination (the eval sets' own images must not be trained on by any arm), then the shards.
 Everything else is off — what img2dataset alone would give a user.
+
+An ablation whose rows differ before the embed stage (no text filter, no URL dedup, no image
+dedup) scores its pairs with the build's bootstrap fold models (``embed.bootstrap.models_from``)
+instead of training its own: every pair is still out of fold, the arm trains nothing extra, and
+the ablation measures the step's effect on the data with the scorer held fixed — as DataComp's
+filtering baselines hold their OpenAI scorer fixed.
 """
 
 from __future__ import annotations
@@ -89,8 +95,23 @@ def arm_config(cfg: BuildConfig, arm: str) -> BuildConfig:
     ARMS[arm](c)
     if not c.clip_filter.filters and not c.semantic_dedup.enabled:
         c.embed.checkpoint = ""  # nothing of the arm reads embeddings: no embed stage
+    if (c.embed.checkpoint == "bootstrap" and not c.embed.bootstrap.models_from
+            and _before_embed(c) != _before_embed(cfg)):
+        # the arm's rows differ before the embed stage: score them with the build's fold
+        # models (out of fold all the same) rather than train three more on other data
+        c.embed.bootstrap.models_from = str(cfg.run_dir)
     c.name, c.runs_dir = arm, str(arms_dir(cfg))
     return c
+
+
+def _before_embed(cfg: BuildConfig) -> list[tuple[str, dict]]:
+    """The stages before embed, with their settings: equal lists mean equal rows at embed."""
+    out = []
+    for s in enabled_stages(cfg):
+        if s.name == "embed":
+            break
+        out.append((s.name, stage_inputs(cfg, s, "")["settings"]))
+    return out
 
 
 def link_copy(src: Path, dst: Path) -> None:

@@ -162,6 +162,10 @@ class BootstrapConfig:
     lr: float = 1e-3
     warmup: int = 15
     seed: int = 0
+    # another build's run folder (e.g. runs/demo) whose K fold models score these pairs instead
+    # of training new ones; every pair is still out of fold (its fold model never saw it). Set
+    # by `witforge compare` for ablation arms, so an ablation changes the data, not the scorer.
+    models_from: str = ""
 
 
 @dataclass

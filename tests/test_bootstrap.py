@@ -118,6 +118,44 @@ def test_a_lost_fold_is_trained_again_alone(tmp_path):
     assert second["kept"] == first["kept"] == 16
 
 
+def test_models_from_scores_with_another_builds_folds_out_of_fold(tmp_path):
+    """An ablation arm's embed stage: another build's fold models score this build's pairs
+    (the ones they share get the same cosine; the new ones were never trained on), and no
+    model is trained."""
+    donor = boot_build(tmp_path / "donor", folds=2, steps=4)
+    crawl_run(donor, fixture_pairs(16), upstream="image_dedup", per_tar=8)
+    run_stage(donor, "embed", **QUIET)
+    extra = (f"embed:\n  checkpoint: bootstrap\n  batch_size: 16\n  bootstrap:\n"
+             f"    folds: 2\n    model: witforge-micro\n    steps: 4\n    batch_size: 8\n"
+             f"    lr: 0.002\n    warmup: 2\n    models_from: {donor.run_dir}\n")
+    missing = make_build(tmp_path / "missing", extra.replace(str(donor.run_dir), "nowhere"))
+    crawl_run(missing, fixture_pairs(4), upstream="image_dedup", per_tar=4)
+    with pytest.raises(Exception, match="embed.bootstrap.models_from: .*nowhere"):
+        run_stage(missing, "embed", **QUIET)
+
+    arm = make_build(tmp_path / "arm", extra)
+    crawl_run(arm, fixture_pairs(24), upstream="image_dedup", per_tar=8)  # 8 pairs more
+    report = run_stage(arm, "embed", **QUIET)
+    work = arm.run_dir / "10_embed.work" / "bootstrap"
+    assert not list(work.glob("fold_*/train")) and not list(work.glob("fold_*/shards"))
+    assert [f["models_from"] for f in report["bootstrap"]["folds"]] == [
+        str(donor.run_dir / "10_embed.work" / "bootstrap" / f"fold_{k}" / "train" / "model.pt")
+        for k in range(2)]
+    theirs = {r["uid"]: r for r in read_parquet(donor.run_dir / "10_embed" / "kept.parquet")}
+    mine = {r["uid"]: r for r in read_parquet(arm.run_dir / "10_embed" / "kept.parquet")}
+    assert len(mine) == 24 and set(theirs) < set(mine)
+    assert np.allclose([mine[u]["clip_score_raw"] for u in theirs],
+                       [theirs[u]["clip_score_raw"] for u in theirs], atol=1e-4)
+    dwork = donor.run_dir / "10_embed.work" / "bootstrap"
+    for k in range(2):  # the fold model that scored a pair never trained on it
+        trained = set(pq.read_table(dwork / f"fold_{k}" / "shards" / "index.parquet")
+                      .column("uid").to_pylist())
+        scored = set(pq.read_table(work / f"fold_{k}" / "scored.parquet")
+                     .column("uid").to_pylist())
+        assert scored and not trained & scored
+        assert scored == {u for u in mine if fold_of(u, 0, 2) == k}
+
+
 def test_fold_assignment_is_stable_and_order_independent():
     uids = [f"u{i}" for i in range(3000)]
     a = [fold_of(u, 0, 3) for u in uids]

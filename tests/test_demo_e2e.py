@@ -105,6 +105,10 @@ def test_demo_end_to_end_on_the_fixture(tmp_path: Path) -> None:
     assert (raw / "report.json").stat().st_mtime_ns == raw_before
     assert cli_main(["status", "--build", str(y), "--check"]) == 0  # nothing left to run
     _raw_baseline_ignores_the_order_of_the_crawl_tars(cfg)
+    # ablations whose rows differ before embed score with the build's bootstrap fold models;
+    # those after it (balance) keep the build's embed stage as it is
+    assert arm_config(cfg, "no_text_filter").embed.bootstrap.models_from == str(cfg.run_dir)
+    assert arm_config(cfg, "no_balance").embed.bootstrap.models_from == ""
     # A single stage of the demo build, outside `witforge demo`, serves the demo web again
     # at the manifests' address: a crawl from scratch gets the same images.
     kept = json.loads((cfg.run_dir / "06_crawl" / "report.json").read_text())["kept"]

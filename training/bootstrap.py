@@ -16,6 +16,13 @@ would (swapped or unrelated captions). What it cannot: noise the pool shares wid
 boilerplate caption on many images looks normal to a model trained on that pool), and rows
 the text rules already catch better (product codes, file names, boilerplate).
 
+``embed.bootstrap.models_from`` (a finished build's run folder) scores with that build's K fold
+models instead of training new ones. A pair in fold k is still out of fold: fold k's model
+trained only on the other build's pairs of the other folds, and the fold is the same hash of
+the uid. ``witforge compare`` uses it for ablation arms, whose rows differ from the build's
+before the embed stage: the arm's CLIP filter then changes with its data, not with a scorer
+trained on different data (and the arm trains no models).
+
 Work folder ``10_embed.work/bootstrap/fold_<k>/``: ``inputs.json`` (what the fold depends on),
 ``shards/`` (with ``index.parquet``: the uids the fold's model trained on), ``train/`` (the
 model, resumed from its step checkpoints after a kill) and ``scored.parquet`` (uid, cosine:
@@ -176,6 +183,22 @@ def _train_fold(ctx: StageContext, table: pa.Table, k: int, train_uids: list[str
     return model, info
 
 
+def donor_models(cfg: BuildConfig) -> list[Path]:
+    """The fold models of ``embed.bootstrap.models_from`` (a run folder, relative to the
+    working directory like runs_dir), one per fold; a clear error when one is missing."""
+    b = cfg.embed.bootstrap
+    root = Path(b.models_from).expanduser()
+    root = root if root.is_absolute() else Path.cwd() / root
+    work = root / f"{get_spec('embed').folder}.work" / "bootstrap"
+    paths = [work / f"fold_{k}" / "train" / "model.pt" for k in range(b.folds)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise ValueError(f"{cfg.path}: embed.bootstrap.models_from: {root} has no fold model "
+                         f"{missing[0]} (run that build's embed stage with the same "
+                         f"embed.bootstrap.folds first)")
+    return paths
+
+
 def _scored(folder: Path, inputs: dict[str, Any]) -> dict[str, float] | None:
     path = folder / "scored.parquet"
     if not path.is_file():
@@ -203,7 +226,12 @@ def bootstrap_scores(ctx: StageContext, table: pa.Table, parts: list[list[Row]],
     rows = [r for p in parts for r in p]
     fold = {r[0]: fold_of(r[0], b.seed, b.folds) for r in rows}
     models, report_folds = [], []
+    donors = donor_models(cfg) if b.models_from else []
     for k in range(b.folds):
+        if donors:
+            models.append(donors[k])
+            report_folds.append({"fold": k, "models_from": str(donors[k])})
+            continue
         train_rows = [r for r in rows if fold[r[0]] != k]
         path, info = _train_fold(ctx, table, k, [r[0] for r in train_rows], train_rows)
         models.append(path)
@@ -217,6 +245,7 @@ def bootstrap_scores(ctx: StageContext, table: pa.Table, parts: list[list[Row]],
     scores: dict[str, float] = {}
     for k in range(b.folds):
         folder = ctx.work_dir / "bootstrap" / f"fold_{k}"
+        folder.mkdir(parents=True, exist_ok=True)
         mine = [r for r in rows if fold[r[0]] == k and r[0] in readable]
         key = {"model_sha256": "", "rows": rows_fingerprint(mine)}
         if k == 0:  # fold 0's model already embedded everything
@@ -238,6 +267,8 @@ def bootstrap_scores(ctx: StageContext, table: pa.Table, parts: list[list[Row]],
         "folds": report_folds, "model": b.model, "steps": b.steps,
         "embeddings_from": f"fold 0's model ({models[0]}), trained on folds 1..{b.folds - 1}",
     }
+    if donors:
+        report["models_from"] = b.models_from
     truth = truth_for(cfg)
     if truth is not None:
         report["truth"] = str(truth_path(cfg))

@@ -342,6 +342,13 @@ def fingerprint_inputs(cfg: BuildConfig, spec: StageSpec) -> dict[str, Any]:
         from pipeline.truth_report import truth_path
 
         out["truth"] = _file_stat(truth_path(cfg))
+        if e.bootstrap.models_from:
+            from training.bootstrap import donor_models
+
+            try:
+                out["fold_models"] = [_file_stat(p) for p in donor_models(cfg)]
+            except ValueError:  # the stage itself says which model is missing
+                out["fold_models"] = {"missing": e.bootstrap.models_from}
     elif e.checkpoint:
         out["checkpoint"] = _file_stat(cfg.resolve(e.checkpoint))
     return out
