@@ -34,7 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BuildConfig
-from pipeline.crawl_attempt import Attempt, check_free_space, hash_images, run_attempt
+from pipeline.crawl_attempt import (
+    Attempt,
+    check_free_space,
+    guard_summary,
+    hash_images,
+    run_attempt,
+)
 from pipeline.crawl_resume import clean_partial_shards, stop_stale_worker
 from pipeline.stage import StageContext, StageError
 
@@ -264,8 +270,25 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "success_rate": round(kept / rows, 4) if rows else None,
         "attempts": len(done), "images_dir": str(ctx.work_dir),
         "tar_paths_relative_to": str(ctx.cfg.run_dir),
+        "guards": guard_summaries(done),
     })
     return figures
+
+
+def guard_summaries(done: list[Attempt]) -> list[dict[str, Any]]:
+    """Every guard of every attempt, with its counts: the stage's own (guard.jsonl) and, on a
+    Spark cluster, one per executor (guard-<host>-<pid>.jsonl; pipeline/guard/spark_hook.py)."""
+    out = []
+    for a in done:
+        for path in sorted(a.folder.glob("guard*.jsonl")):
+            s = guard_summary(path)
+            row: dict[str, Any] = {"attempt": a.number, "log": path.name}
+            if s is None:
+                row["summary_missing"] = True  # killed before it could write one
+            else:
+                row.update(s["summary"], cpu_seconds=s.get("cpu_seconds"))
+            out.append(row)
+    return out
 
 
 def _hashes_sql(done: list[Attempt]) -> str:

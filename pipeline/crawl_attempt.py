@@ -31,7 +31,7 @@ import sys
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from pipeline.crawl_resume import (
     confirmed_shards,
     shard_name,
 )
+from pipeline.guard import spark_hook
 from pipeline.guard.proxy import GuardProxy, crawl_timeout, guarded_env
 from pipeline.progress import progress
 from pipeline.robots import crawl_delays
@@ -261,6 +262,8 @@ def _run_worker(cfg: BuildConfig, attempt: Attempt, job: Path, bar: tqdm) -> int
     with guarded_env(cfg.crawl, worker_env(cfg), attempt.folder / "guard.jsonl",
                      domain_intervals=delays, log_path=attempt.folder / "guard.log") as (
             env, guard), open(attempt.log, "ab") as log:
+        if guard is not None and cfg.crawl.distributor == "pyspark":
+            env.update(executor_guard_env(attempt, guard))
         cmd = [sys.executable, "-m", "pipeline.crawl_worker", str(job)]
         if guard is not None:
             cmd += ["--guard-pid", str(guard.pid)]
@@ -292,7 +295,44 @@ def _run_worker(cfg: BuildConfig, attempt: Attempt, job: Path, bar: tqdm) -> int
         finally:
             _stop_group(proc)
             proc.stdin.close()
+    if guard is not None and cfg.crawl.distributor == "pyspark":
+        wait_for_executor_guards(attempt)
     return proc.returncode
+
+
+def executor_guard_env(attempt: Attempt, guard: GuardProxy) -> dict[str, str]:
+    """What a Spark executor needs to start its own guard with the stage's settings
+    (pipeline/guard/spark_hook.py); local-mode executors see WITFORGE_GUARD_URL and use the
+    stage's guard instead."""
+    settings = attempt.folder / "guard-settings.json"
+    settings.write_text(json.dumps(asdict(guard.settings)), encoding="utf-8")
+    return {spark_hook.SETTINGS_ENV: str(settings), spark_hook.EVENTS_ENV: str(attempt.folder),
+            spark_hook.URL_ENV: guard.url}
+
+
+def wait_for_executor_guards(attempt: Attempt, timeout: float = 20.0) -> None:
+    """Executors' guards write their summary line when their executor ends, a moment after
+    the Spark job: wait (a bounded while) so that the report counts them."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if all(guard_summary(p) is not None for p in attempt.folder.glob("guard-*.jsonl")):
+            return
+        time.sleep(0.25)
+
+
+def guard_summary(path: Path) -> dict[str, Any] | None:
+    """The summary line of a guard's event log (None while that guard still runs)."""
+    try:
+        lines = path.read_bytes().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if '"summary"' in line:
+            try:
+                return json.loads(line)
+            except ValueError:
+                return None
+    return None
 
 
 def run_attempt(cfg: BuildConfig, attempt: Attempt) -> None:

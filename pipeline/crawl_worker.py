@@ -28,6 +28,9 @@ import signal
 import stat
 import sys
 import threading
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _stop_group() -> None:
@@ -74,11 +77,33 @@ def main(argv: list[str]) -> int:
         # img2dataset would build a local[N] session itself; one made here first is picked
         # up instead, and takes its master from the environment (PYSPARK_SUBMIT_ARGS=
         # "--master spark://host:7077 pyspark-shell", spark-defaults.conf), so a cluster works.
-        from pyspark.sql import SparkSession
-
-        SparkSession.builder.appName("witforge-crawl").getOrCreate()
+        spark = _spark_session()
+        try:
+            download(**kwargs)
+        finally:
+            spark.stop()  # the executors end, and their guards write their summaries
+        return 0
     download(**kwargs)
     return 0
+
+
+def _spark_session():  # noqa: ANN202 - pyspark is imported only for this distributor
+    """The crawl's Spark session; on a guarded crawl every executor starts its own guard
+    (pipeline/guard/spark_hook.py) before its Python workers exist."""
+    from pyspark.sql import SparkSession
+
+    from pipeline.guard import spark_hook
+
+    builder = SparkSession.builder.appName("witforge-crawl")
+    settings = os.environ.get(spark_hook.SETTINGS_ENV)
+    if settings:
+        builder = (builder.config("spark.python.use.daemon", "true")
+                   .config("spark.python.daemon.module", "pipeline.guard.spark_hook")
+                   .config(f"spark.executorEnv.{spark_hook.SETTINGS_ENV}", settings)
+                   .config(f"spark.executorEnv.{spark_hook.EVENTS_ENV}",
+                           os.environ[spark_hook.EVENTS_ENV])
+                   .config("spark.executorEnv.PYTHONPATH", str(REPO_ROOT)))
+    return builder.getOrCreate()
 
 
 if __name__ == "__main__":

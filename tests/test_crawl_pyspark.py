@@ -1,5 +1,6 @@
 """The crawl on img2dataset's pyspark distributor (``crawl.distributor: pyspark``), on a local
-Spark: the same guard in front of it, the same ledger after it."""
+Spark and on a two-worker standalone cluster on loopback: the same guard in front of it (on a
+cluster, one per executor), the same ledger after it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 from pipeline.config import load_build
 from pipeline.guard.hostile import HostileServer
 from pipeline.stage import StageError, kept_of, run_stage
+from tests.spark_cluster import spark_cluster
+from tests.test_guard_crawl import hostile_cases
 
 
 def _build(tmp: Path, urls: list[str], port: int) -> Path:
@@ -59,3 +62,67 @@ def test_pyspark_without_java_fails_before_downloading(tmp_path: Path, monkeypat
     monkeypatch.delenv("JAVA_HOME", raising=False)
     with pytest.raises(StageError, match="crawl.distributor: pyspark needs a Java runtime"):
         run_stage(cfg, "crawl")
+
+
+def _hostile_build(tmp: Path, cases: dict[str, str], port: int, distributor: str) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "m.jsonl").write_text("".join(
+        json.dumps({"url": u, "caption": f"case {i}"}) + "\n" for i, u in enumerate(cases)))
+    y = tmp / "b.yaml"
+    y.write_text(f"""name: g
+runs_dir: {tmp / 'runs'}
+sources: [{{path: m.jsonl}}]
+url_dedup: {{enabled: false}}
+crawl:
+  distributor: {distributor}
+  guard: true
+  robots: false
+  request_deadline: 2
+  max_body_bytes: 1000000
+  processes_count: 2
+  thread_count: 4
+  number_sample_per_shard: 2
+  timeout: 3
+  allow_hosts: ["127.0.0.1:{port}", "localhost:{port}"]
+""")
+    return y
+
+
+def _crawl(y: Path) -> tuple[dict[str, str], dict]:
+    cfg = load_build(y)
+    for stage in ("ingest", "text_filter"):
+        run_stage(cfg, stage)
+    report = run_stage(cfg, "crawl")
+    got = dict(duckdb.sql(
+        f"SELECT i.caption, coalesce(d.reason, 'success') FROM '{kept_of(cfg, 'text_filter')}' i "
+        f"LEFT JOIN '{kept_of(cfg, 'crawl').parent / 'dropped.parquet'}' d USING (uid)"
+    ).fetchall())
+    return got, report
+
+
+def test_hostile_crawl_on_a_two_worker_spark_cluster_is_guarded_on_every_executor(
+        tmp_path: Path, monkeypatch) -> None:
+    """A real Spark standalone cluster on loopback (a master, two workers, one executor each):
+    each executor runs its own guard (pipeline/guard/spark_hook.py), every request of the
+    crawl goes through one, the internal service is never reached, and every row ends with
+    the same reason as on the multiprocessing distributor."""
+    with HostileServer(drip_interval=0.5) as web, HostileServer() as internal:
+        cases = hostile_cases(web, internal)
+        want = {f"case {i}": reason for i, reason in enumerate(cases.values())}
+        local, _ = _crawl(_hostile_build(tmp_path / "mp", cases, web.port, "multiprocessing"))
+        assert local == want
+        with spark_cluster(tmp_path / "spark", workers=2, memory="2g") as master:
+            monkeypatch.setenv("PYSPARK_SUBMIT_ARGS", (
+                f"--master {master} --conf spark.executor.memory=1g "
+                "--conf spark.scheduler.minRegisteredResourcesRatio=1.0 pyspark-shell"))
+            got, report = _crawl(_hostile_build(tmp_path / "spark", cases, web.port, "pyspark"))
+        assert internal.hits == []
+    assert got == local
+    executors = [g for g in report["guards"] if g["log"].startswith("guard-")]
+    stage_guard = [g for g in report["guards"] if g["log"] == "guard.jsonl"]
+    assert len(executors) == 2, report["guards"]  # one guard per executor, both used
+    assert all(not g.get("summary_missing") and g["requests"] > 0 for g in executors)
+    assert stage_guard and stage_guard[0].get("requests", 0) == 0  # the driver fetched nothing
+    # every row reached a guard (redirect hops are requests too; urllib refuses file:// itself)
+    assert sum(g["requests"] for g in executors) >= len(cases) - 1
+    assert sum(g.get("deadline_exceeded", 0) for g in executors) == 2

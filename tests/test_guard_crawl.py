@@ -59,24 +59,30 @@ class PeakRSS(threading.Thread):
             self.peak_kb = max([self.peak_kb, *sizes.values()])
 
 
+def hostile_cases(web: HostileServer, internal: HostileServer) -> dict[str, str]:
+    """url -> the reason the crawl must give it (success: kept)."""
+    b, port = web.base_url, web.port
+    return {
+        b + "/ok.png": "success", b + "/img/a.png": "success",
+        b + "/drip": "deadline_exceeded", b + "/headers-drip": "deadline_exceeded",
+        b + "/endless": "body_too_large", b + "/big": "body_too_large",
+        f"{b}/redirect?to={internal.base_url}/secret.png": "blocked_address",
+        f"{b}/redirect?to=ftp://127.0.0.1:{internal.port}/x": "blocked_scheme",
+        f"{b}/redirect?to=file:///etc/passwd": "blocked_scheme",
+        # another name for the server, so its Retry-After backoff (a per-domain matter)
+        # does not turn the other cases into domain_busy
+        f"http://localhost:{port}/ratelimited": "http_429",
+        **{f"http://{h}:{port}/ok.png": "blocked_address"
+           for h in ("2130706433", "0x7f000001", "0177.0.0.1", "[::ffff:127.0.0.1]",
+                     "127.0.0.1.")},
+    }
+
+
 def test_hostile_manifest_crawls_to_the_right_reasons_in_bounded_time_and_memory(
         tmp_path: Path) -> None:
     with HostileServer(drip_interval=0.5) as web, HostileServer() as internal:
-        b, port = web.base_url, web.port
-        cases = {
-            b + "/ok.png": "success", b + "/img/a.png": "success",
-            b + "/drip": "deadline_exceeded", b + "/headers-drip": "deadline_exceeded",
-            b + "/endless": "body_too_large", b + "/big": "body_too_large",
-            f"{b}/redirect?to={internal.base_url}/secret.png": "blocked_address",
-            f"{b}/redirect?to=ftp://127.0.0.1:{internal.port}/x": "blocked_scheme",
-            f"{b}/redirect?to=file:///etc/passwd": "blocked_scheme",
-            # another name for the server, so its Retry-After backoff (a per-domain matter)
-            # does not turn the other cases into domain_busy
-            f"http://localhost:{port}/ratelimited": "http_429",
-            **{f"http://{h}:{port}/ok.png": "blocked_address"
-               for h in ("2130706433", "0x7f000001", "0177.0.0.1", "[::ffff:127.0.0.1]",
-                         "127.0.0.1.")},
-        }
+        port = web.port
+        cases = hostile_cases(web, internal)
         (tmp_path / "m.jsonl").write_text("".join(
             json.dumps({"url": u, "caption": f"case {i}"}) + "\n" for i, u in enumerate(cases)))
         (tmp_path / "b.yaml").write_text(f"""name: g

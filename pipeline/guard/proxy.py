@@ -88,7 +88,7 @@ class GuardProxy:
 
     def __init__(self, settings: GuardSettings | Any, events_path: str | Path | None = None,
                  port: int = 0, start_timeout: float = 30.0,
-                 log_path: str | Path | None = None) -> None:
+                 log_path: str | Path | None = None, new_session: bool = False) -> None:
         if not isinstance(settings, GuardSettings):
             settings = settings_from_crawl(settings)
         self.settings = settings
@@ -96,6 +96,7 @@ class GuardProxy:
         self.log_path = Path(log_path) if log_path else None
         self.port = port
         self.start_timeout = start_timeout
+        self.new_session = new_session
         self._proc: subprocess.Popen[bytes] | None = None
         self.address: tuple[str, int] | None = None
         self._events_from = 0  # the event log is appended to; this run starts here
@@ -129,7 +130,8 @@ class GuardProxy:
         log = open(self.log_path, "ab") if self.log_path is not None else None
         try:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=log, env=env)
+                                          stderr=log, env=env,
+                                          start_new_session=self.new_session)
         finally:
             if log is not None:
                 log.close()  # the child has its own copy
