@@ -75,7 +75,8 @@ class BalanceConfig:
 
 # Settings that change how a stage runs, never what it writes: left out of its fingerprint,
 # so changing one reruns nothing.
-RUN_ONLY_SETTINGS: dict[str, tuple[str, ...]] = {"crawl": ("min_free_mb", "stall_minutes")}
+RUN_ONLY_SETTINGS: dict[str, tuple[str, ...]] = {
+    "crawl": ("min_free_mb", "stall_minutes", "guard_processes")}
 
 
 @dataclass
@@ -106,6 +107,9 @@ class CrawlConfig:
     robots: bool = True
     per_domain_concurrency: int = 8
     per_domain_rps: float = 0.0  # 0 = unlimited
+    # guard processes on one port sharing the per-domain limits: one caps near its
+    # requests/s per core (docs/guard.md#ceiling); raise it on a node that crawls faster
+    guard_processes: int = 1
     max_crawl_delay: float = 10.0  # honour robots.txt Crawl-delay up to this (s); 0 = ignore
     min_free_mb: float = 256  # stop the crawl, resumable, before its disk fills; 0 = no check
     stall_minutes: float = 30  # stop a crawl that writes nothing this long; 0 = wait forever
@@ -402,7 +406,8 @@ def _validate(cfg: BuildConfig) -> None:
         if getattr(cfg.crawl, key) <= 0:
             fail(f"crawl.{key}", "must be positive")
     # Safe-crawl guard (pipeline/guard)
-    for key in ("request_deadline", "max_body_bytes", "per_domain_concurrency"):
+    for key in ("request_deadline", "max_body_bytes", "per_domain_concurrency",
+                "guard_processes"):
         if not getattr(cfg.crawl, key) > 0:
             fail(f"crawl.{key}", "must be positive")
     if not cfg.crawl.per_domain_rps >= 0:

@@ -87,7 +87,7 @@ def test_the_proxy_memory_stays_bounded_on_endless_bodies(servers, proxy) -> Non
     # deadline before the 256 KiB cap instead, which is the other bound doing its job.
     assert set(reasons) <= {"body_too_large", "deadline_exceeded"}
     assert "body_too_large" in reasons
-    pid = proxy._proc.pid
+    pid = proxy.pid
     status = Path(f"/proc/{pid}/status").read_text()
     peak_kb = int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1])
     assert peak_kb < 150 * 1024, f"proxy peak RSS {peak_kb} kB"

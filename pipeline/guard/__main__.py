@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--events", default="", help="JSON-lines log of refusals and a summary")
     p.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="listen with SO_REUSEPORT: several processes share --port")
+    p.add_argument("--shared-limits", default="",
+                   help="per-domain limits in this shared table (pipeline/guard/shared_limits.py) "
+                   "instead of in-process: for several processes on one port")
     args = p.parse_args(argv)
     text = args.settings
     if text.startswith("@"):
@@ -69,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         def ready(addr: tuple[str, int]) -> None:
             print(f"{TAG} listening {addr[0]}:{addr[1]}", flush=True)
 
-        return await serve(settings, args.host, args.port, events, stop, ready)
+        return await serve(settings, args.host, args.port, events, stop, ready,
+                           shared_limits=args.shared_limits, reuse_port=args.reuse_port)
 
     guard = asyncio.run(run())
     if events is not None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.guard.server import GuardSettings
+from pipeline.guard.shared_limits import create_table
 from pipeline.guard.wire import TAG
 
 # Schemes urllib could open without the network or behind our back: routing them to the proxy
@@ -54,6 +55,7 @@ def settings_from_crawl(crawl: Any, **overrides: Any) -> GuardSettings:
         allow_hosts=list(crawl.allow_hosts),
         per_domain_concurrency=int(crawl.per_domain_concurrency),
         per_domain_rps=float(crawl.per_domain_rps),
+        processes=int(getattr(crawl, "guard_processes", 1)),
     )
     for k, v in overrides.items():
         setattr(s, k, v)
@@ -97,9 +99,10 @@ class GuardProxy:
         self.port = port
         self.start_timeout = start_timeout
         self.new_session = new_session
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._procs: list[subprocess.Popen[bytes]] = []
         self.address: tuple[str, int] | None = None
-        self._events_from = 0  # the event log is appended to; this run starts here
+        self._events_from: dict[Path, int] = {}  # the logs are appended to; this run's start
+        self._limits: Path | None = None  # the shared limits table of several processes
         self._settings_file: Any = None  # settings too long for the command line
 
     @property
@@ -109,13 +112,12 @@ class GuardProxy:
         return f"http://{self.address[0]}:{self.address[1]}"
 
     def start(self) -> GuardProxy:
+        """Start the proxy: ``settings.processes`` processes on one port (SO_REUSEPORT) with
+        shared per-domain limits when more than one."""
         if self.events_path is not None:
             self.events_path.parent.mkdir(parents=True, exist_ok=True)
-            self._events_from = (self.events_path.stat().st_size
-                                 if self.events_path.exists() else 0)
-        root = str(Path(__file__).resolve().parents[2])
-        env = dict(os.environ)
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+            self._events_from = {p: p.stat().st_size if p.exists() else 0
+                                 for p in self.event_files()}
         settings = json.dumps(asdict(self.settings))
         if len(settings) > _MAX_ARG:  # one argv string is capped at 128 KiB on Linux
             self._settings_file = tempfile.NamedTemporaryFile(
@@ -123,29 +125,53 @@ class GuardProxy:
             self._settings_file.write(settings)
             self._settings_file.flush()
             settings = "@" + self._settings_file.name
+        extra = []
+        if self.processes > 1:
+            self._limits = create_table()
+            extra = ["--reuse-port", "--shared-limits", str(self._limits)]
+        port = self.port
+        for i in range(self.processes):
+            proc = self._spawn(settings, port, extra, i)
+            self._procs.append(proc)
+            line = self._read_ready_line(proc)
+            host, _, got = line.rsplit(" ", 1)[-1].rpartition(":")
+            self.address, port = (host, int(got)), int(got)
+        return self
+
+    @property
+    def processes(self) -> int:
+        return max(1, int(self.settings.processes))
+
+    def event_files(self) -> list[Path]:
+        """Process 0 logs to events_path, process i to <stem>.p<i>.jsonl beside it."""
+        if self.events_path is None:
+            return []
+        p = self.events_path
+        return [p] + [p.with_name(f"{p.stem}.p{i}{p.suffix}") for i in range(1, self.processes)]
+
+    def _spawn(self, settings: str, port: int, extra: list[str],
+               i: int) -> subprocess.Popen[bytes]:
+        root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         cmd = [sys.executable, "-m", "pipeline.guard", "--watch-stdin",
-               "--port", str(self.port), "--settings", settings]
+               "--port", str(port), "--settings", settings, *extra]
         if self.events_path is not None:
-            cmd += ["--events", str(self.events_path)]
+            cmd += ["--events", str(self.event_files()[i])]
         log = open(self.log_path, "ab") if self.log_path is not None else None
         try:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                          stderr=log, env=env,
-                                          start_new_session=self.new_session)
+            return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=log, env=env, start_new_session=self.new_session)
         finally:
             if log is not None:
                 log.close()  # the child has its own copy
-        line = self._read_ready_line()
-        host, _, port = line.rsplit(" ", 1)[-1].rpartition(":")
-        self.address = (host, int(port))
-        return self
 
-    def _read_ready_line(self) -> str:
+    def _read_ready_line(self, proc: subprocess.Popen[bytes]) -> str:
         import select
 
-        assert self._proc is not None and self._proc.stdout is not None
-        ready, _, _ = select.select([self._proc.stdout], [], [], self.start_timeout)
-        line = self._proc.stdout.readline().decode().strip() if ready else ""
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], self.start_timeout)
+        line = proc.stdout.readline().decode().strip() if ready else ""
         if not line.startswith(f"{TAG} listening "):
             self.stop()
             raise RuntimeError(f"the guard proxy did not start (got {line!r}; see stderr)")
@@ -153,31 +179,39 @@ class GuardProxy:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._procs[0].pid if self._procs else None
 
     def exit_code(self) -> int | None:
-        """None while the proxy runs, else its exit status (negative: killed by a signal)."""
-        if self._proc is None:
+        """None while every process of the proxy runs, else the first one's exit status
+        (negative: killed by a signal)."""
+        if not self._procs:
             raise RuntimeError("the guard proxy was never started")
-        return self._proc.poll()
+        for proc in self._procs:
+            code = proc.poll()
+            if code is not None:
+                return code
+        return None
 
     def stop(self) -> None:
         if self._settings_file is not None:
             self._settings_file.close()  # deletes it
             self._settings_file = None
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.terminate()
+        procs, self._procs = self._procs, []
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        for f in (proc.stdin, proc.stdout):
-            if f is not None:
-                f.close()
+            for f in (proc.stdin, proc.stdout):
+                if f is not None:
+                    f.close()
+        if self._limits is not None:
+            self._limits.unlink(missing_ok=True)
+            self._limits = None
 
     def __enter__(self) -> GuardProxy:
         return self.start()
@@ -216,23 +250,35 @@ class GuardProxy:
             urllib.request.ProxyHandler({s: self.url for s in _PROXIED_SCHEMES}))
 
     def events(self) -> list[dict[str, Any]]:
-        """The refusal events logged so far (and the summary once stopped)."""
-        if self.events_path is None or not self.events_path.exists():
-            return []
-        with open(self.events_path, "rb") as f:
-            f.seek(self._events_from)
-            lines = f.read().decode("utf-8", "replace").splitlines()
-        return [json.loads(x) for x in lines if x.strip()]
+        """The refusal events logged so far (and the summaries once stopped), every process's."""
+        out = []
+        for path in self.event_files():
+            if not path.exists():
+                continue
+            with open(path, "rb") as f:
+                f.seek(self._events_from.get(path, 0))
+                lines = f.read().decode("utf-8", "replace").splitlines()
+            out += [json.loads(x) for x in lines if x.strip()]
+        return out
 
     def stats(self) -> dict[str, Any]:
-        """Counts by reason from the event log (the summary line once the proxy stopped, with
-        the proxy's cpu_seconds and peak_rss_kb)."""
+        """Counts by reason from the event logs: once stopped, the processes' summary lines
+        added up (with their cpu_seconds, and the largest peak_rss_kb)."""
+        events = self.events()
+        summaries = [e for e in events if "summary" in e]
+        if summaries and len(summaries) >= self.processes:
+            total: dict[str, Any] = {}
+            for e in summaries:
+                for k, v in e["summary"].items():
+                    total[k] = total.get(k, 0) + v
+            total["cpu_seconds"] = round(sum(e.get("cpu_seconds") or 0 for e in summaries), 3)
+            total["peak_rss_kb"] = max((e.get("peak_rss_kb") or 0 for e in summaries),
+                                       default=None)
+            return total
         counts: dict[str, Any] = {}
-        for e in self.events():
-            if "summary" in e:
-                return {**e["summary"], "cpu_seconds": e.get("cpu_seconds"),
-                        "peak_rss_kb": e.get("peak_rss_kb")}
-            counts[e["reason"]] = counts.get(e["reason"], 0) + 1
+        for e in events:
+            if "reason" in e:
+                counts[e["reason"]] = counts.get(e["reason"], 0) + 1
         return counts
 
 

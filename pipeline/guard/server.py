@@ -41,6 +41,7 @@ from pipeline.guard.addresses import (
     parse_ip_literal,
 )
 from pipeline.guard.politeness import DomainBusy, DomainLimiter
+from pipeline.guard.shared_limits import SharedDomainLimiter
 from pipeline.guard.wire import (
     CHUNK,
     HOP_BY_HOP,
@@ -68,15 +69,19 @@ class GuardSettings:
     max_backoff: float = 600.0
     spool_bytes: int = 1024 * 1024
     header_timeout: float = 10.0
+    # processes on one port (SO_REUSEPORT), sharing the per-domain limits (shared_limits.py)
+    processes: int = 1
 
 
 class GuardServer:
-    def __init__(self, settings: GuardSettings, events: IO[str] | None = None) -> None:
+    def __init__(self, settings: GuardSettings, events: IO[str] | None = None,
+                 shared_limits: str = "") -> None:
         self.s = settings
         self.allow = parse_allow_hosts(settings.allow_hosts)
-        self.limiter = DomainLimiter(settings.per_domain_concurrency, settings.per_domain_rps,
-                                     settings.max_backoff,
-                                     intervals=settings.domain_intervals)
+        limiter = SharedDomainLimiter if shared_limits else DomainLimiter
+        args = (shared_limits,) if shared_limits else ()
+        self.limiter = limiter(*args, settings.per_domain_concurrency, settings.per_domain_rps,
+                               settings.max_backoff, intervals=settings.domain_intervals)
         self.events = events
         self.counts: dict[str, int] = {}
 
@@ -344,9 +349,11 @@ class GuardServer:
 
 
 async def serve(settings: GuardSettings, host: str, port: int, events: IO[str] | None,
-                stop: asyncio.Event, on_ready: Any = None) -> GuardServer:
-    guard = GuardServer(settings, events)
-    server = await asyncio.start_server(guard.handle, host, port, limit=64 * 1024, backlog=1024)
+                stop: asyncio.Event, on_ready: Any = None, shared_limits: str = "",
+                reuse_port: bool = False) -> GuardServer:
+    guard = GuardServer(settings, events, shared_limits)
+    server = await asyncio.start_server(guard.handle, host, port, limit=64 * 1024, backlog=1024,
+                                        reuse_port=reuse_port or None)
     if on_ready is not None:
         on_ready(server.sockets[0].getsockname()[:2])
     async with server:
