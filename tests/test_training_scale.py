@@ -429,6 +429,16 @@ def test_spark_recipe_is_a_valid_build_with_the_pyspark_distributor():
     assert submit[-1] == "pyspark-shell"  # pyspark's launcher needs it last
     assert submit[submit.index("--master") + 1].startswith("spark://")
     assert submit[submit.index("--properties-file") + 1] == "recipes/spark-defaults.conf"
+    # the cluster start-up lines name scripts the venv's pyspark really ships (it has no
+    # start-master.sh) and the classes tests/spark_cluster.py starts the same way
+    import pyspark
+
+    scripts = [m.group(1) for m in re.finditer(r"\$SPARK_HOME/(\S+)", recipe.read_text())]
+    assert "sbin/spark-daemon.sh" in scripts
+    assert all((Path(pyspark.__file__).parent / s).is_file() for s in scripts), scripts
+    from tests.spark_cluster import MASTER, WORKER
+
+    assert f"start {MASTER} 1" in recipe.read_text() and f"start {WORKER} 1" in recipe.read_text()
 
 
 def test_spark_reads_the_recipe_settings_with_its_own_parser(tmp_path):
