@@ -11,7 +11,9 @@ Reported: time, peak RSS of this process, DuckDB spill (the temp folder's peak s
 candidates, buckets capped, recall of each kind of planted pair, and the share of the dense
 cluster that ends in one connected component. Peer, at 1M uniform + planted: the same join
 with the old layout (5 one-block tables of 13 bits, the previous default).
-The 100M figure is extrapolated from the 10M run with the join's cost model, not measured.
+The 10M run also extrapolates 100M with the join's cost model; ``--rows 100000000`` measures it
+(and writes bench/results/lsh_100m.json beside the 10M file; ``--skip-plain`` leaves out the 1M
+layout comparison).
 ``python -m bench.bench_lsh [--quick] [--rows N]`` writes bench/results/lsh.json.
 """
 
@@ -193,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-bucket", type=int, default=DEFAULT_MAX_BUCKET,
                    help="the cap (image_dedup.lsh_max_bucket)")
     p.add_argument("--memory-limit", default="4GB", help="DuckDB memory_limit")
+    p.add_argument("--skip-plain", action="store_true", help="leave out the 1M layout check")
     args = p.parse_args(argv)
     rows = 1_000_000 if args.quick else args.rows
     t_all = time.time()
@@ -200,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cpus": os.cpu_count(), "k": K, "max_bucket": args.max_bucket}
     with tempfile.TemporaryDirectory(prefix="bench_lsh_") as d:
         tmp = Path(d)
-        if not args.quick:  # the layout change alone, on the old bench's input
+        if not args.quick and not args.skip_plain:  # the layout change alone, old input
             plain = make_hashes(1_000_000, seed=0, hot=False)
             result["plain_1m"] = {
                 "auto": run_join(plain, 0, args.max_bucket, tmp, args.memory_limit),
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         "how": f"10M seconds x cost model ratio ({scale:.1f}): rows x tables + candidates/2, "
                "uniform hashes, same machine and 2 threads; hot groups scaled alike; "
                "not measured",
-    } if rows >= 10_000_000 else None
+    } if 10_000_000 <= rows < 100_000_000 else None
     result["seconds"] = round(time.time() - t_all, 1)
     result["summary"] = {
         "rows": hot["rows"], "seconds": hot["seconds"], "blocks": hot["blocks"],
@@ -236,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
                                              result["plain_1m"]["old_layout_5x13bit"]["seconds"]]}
            if "plain_1m" in result else {}),
     }
-    result["command"] = "python -m bench.bench_lsh" + (" --quick" if args.quick else "")
-    write_results(RESULTS, result)
+    result["command"] = "python -m bench.bench_lsh" + (" --quick" if args.quick else "") + (
+        f" --rows {rows}" if rows != 10_000_000 and not args.quick else "")
+    big = rows >= 100_000_000 and not args.quick
+    write_results(RESULTS.with_name(f"lsh_{rows // 1_000_000}m.json") if big else RESULTS,
+                  result)
     return 0
 
 
