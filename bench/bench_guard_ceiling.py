@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -129,12 +130,18 @@ def main(argv: list[str] | None = None) -> int:
                 got = run_load(proxy.address, f"GET {url} HTTP/1.1\r\n{host}".encode(),
                                args.load_procs, args.conns, seconds)
             stats = proxy.stats()
+            per_process = [json.loads(f.read_text().splitlines()[-1])
+                           for f in proxy.event_files()]
         cpu = stats.get("cpu_seconds") or 0.0
         got.update(guard_processes=n, guard_requests=stats.get("requests"),
                    guard_cpu_seconds=cpu,
                    guard_cpu_ms_per_request=round(1000 * cpu / max(stats.get("ok", 1), 1), 3),
                    requests_per_s_per_guard_core=round(stats.get("ok", 0) / cpu, 1) if cpu
-                   else None)
+                   else None,
+                   # each process's share of a core over the run: ~1.0 = that process capped
+                   process_core_use=[round(e.get("cpu_seconds", 0) / got["seconds"], 2)
+                                     for e in per_process],
+                   process_requests=[e["summary"].get("requests", 0) for e in per_process])
         res["runs"][f"guard_x{n}"] = got
         print(f"guard x{n}: {got}", file=sys.stderr)
     origin.terminate()
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "best_requests_per_s": best["requests_per_s"],
         "ceiling_moved": round(best["requests_per_s"] / one["requests_per_s"], 2)
         if one else None,
+        "one_guard_core_use": one and one["process_core_use"][0],
         "load_average_1m": round(os.getloadavg()[0], 1),
     }
     write_results(RESULTS, res)

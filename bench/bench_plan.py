@@ -201,6 +201,37 @@ def text_side(small: int, big: int, work: Path) -> dict[str, Any]:
     return check("text", builds[small], builds[big], work, "rate", until="url_dedup")
 
 
+def text_against(pilot_rows: int, measured_file: Path, work: Path) -> dict[str, Any]:
+    """The plan of a ``pilot_rows`` text-side pilot for the sizes a bench_curation run
+    measured (its small and big runs, e.g. 10M and 100M: curation_100m.json), against them."""
+    from bench.bench_curation import DATA as CURATION_DATA
+    from bench.bench_curation import TEXT_FILTERS, make_manifest
+
+    got = json.loads(measured_file.read_text())
+    folder = work / f"text_{pilot_rows}"
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = make_manifest(pilot_rows, CURATION_DATA / f"manifest_{pilot_rows}.parquet")
+    y = folder / "build.yaml"
+    y.write_text(f"name: text_{pilot_rows}\nruns_dir: {folder / 'runs'}\nsources:\n"
+                 f"  - path: {manifest}\ntext_filter:\n  filters: {json.dumps(TEXT_FILTERS)}"
+                 f"\nduckdb:\n  memory_limit: 4GiB\n  temp_directory: {folder / 'spill'}\n")
+    piloted = _child("run", str(y), "url_dedup")
+    out: dict[str, Any] = {"pilot_rows": piloted["ingest"]["rows_in"],
+                           "measured_file": str(measured_file.relative_to(ROOT))}
+    for key, rows in (("witforge_small", got["rows_small"]), ("witforge", got["rows_big"])):
+        run = got[key]
+        measured = {s: {"kept": run[s]["kept"], "seconds": run[s]["seconds"],
+                        "cpu_seconds": run[s]["cpu_s"]}
+                    for s in ("ingest", "text_filter", "url_dedup")}
+        plan = _plan(y, rows, work / f"text_plan_{rows}.json", "rate")
+        stages = compare(plan, measured)
+        out[str(rows)] = {"stages": stages, "totals": totals(stages), "worst": _worst(stages)}
+        for r in stages:
+            print(f"  {rows:>11,} {r['stage']:13s} wall {r['ratio']['wall_s']}  "
+                  f"cpu {r['ratio']['cpu_s']}  rows {r['ratio']['rows_out']}", flush=True)
+    return out
+
+
 def crawl_side(quick: bool, every: int, work: Path, rows: int) -> dict[str, Any]:
     from pipeline.demoweb.manifests import write_manifests
     from pipeline.demoweb.pool import assemble_pool
@@ -233,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--crawl-every", type=int, default=3, help="the crawl pilot keeps 1 row "
                    "in this many of the full's (default 3)")
     p.add_argument("--only", choices=["text", "crawl"], help="run one of the two checks")
+    p.add_argument("--text-against", default="", metavar="RESULT_JSON",
+                   help="instead: plan a --pilot-rows text pilot for the sizes of a "
+                   "bench_curation result (e.g. bench/results/curation_100m.json: 10M and "
+                   "100M) and compare; writes bench/results/plan_scale.json")
+    p.add_argument("--pilot-rows", default="1M", help="the pilot of --text-against (1M)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -252,6 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     t0 = time.perf_counter()
+    if args.text_against:
+        scale = text_against(parse_rows(args.pilot_rows), Path(args.text_against).resolve(),
+                             work)
+        scale["summary"] = {k: {"worst": v["worst"], "totals": v["totals"]}
+                            for k, v in scale.items() if isinstance(v, dict) and "worst" in v}
+        scale["command"] = (f"python -m bench.bench_plan --text-against {args.text_against} "
+                            f"--pilot-rows {args.pilot_rows}")
+        from bench import write_results
+
+        write_results(RESULTS.with_name("plan_scale.json"), scale)
+        return 0
     res: dict[str, Any] = {"area": "plan", "command": "python -m bench.bench_plan"
                            + (" --quick" if args.quick else ""), "goal": f"within {GOAL:.0%}",
                            "cpus": os.cpu_count()}

@@ -39,6 +39,13 @@ CRAWL_RATE = Default("crawl_images_per_s_per_node", 1350.0, "images/s per 16-cor
                      IMG2DATASET_README + ": 1,350 images/s observed (18M images in 3.7 h); "
                      "laion400m.md: 1,300 samples/s on one 16-core 2 Gbps machine")
 CRAWL_NODE_CORES = 16
+# Measured, not published: one guard proxy process's ceiling on loopback
+# (bench/bench_guard_ceiling.py; its CPU seconds per request, http, a 64x64 PNG).
+GUARD_RATE = Default("guard_requests_per_s_per_process", 3400.0,
+                     "requests/s per guard process (one core)",
+                     "witforge bench/bench_guard_ceiling.py, 2026-12-02, quiet 2-core VM: "
+                     "3,387-3,676 requests/s per guard core over 3 runs, the process at "
+                     "94-97 % of a core (http on loopback, 64x64 PNG)")
 # "downloading a thousand average image per second requires about 130MB/s"
 DOWNLOAD_BYTES = Default("downloaded_bytes_per_image", 130e3, "bytes",
                          IMG2DATASET_README + ": 'a thousand average image per second "

@@ -87,6 +87,14 @@ def crawl_floors(m: StageMeasure, pilot: Pilot, cl: Cluster, rows_in: float, kee
                      f"rate; on the real web img2dataset reports {D.CRAWL_RATE.value:,.0f} "
                      f"images/s per {D.CRAWL_NODE_CORES}-core 2 Gbps node")
         used[D.CRAWL_RATE.name] = D.CRAWL_RATE
+    if c.guard:  # every request passes one guard process of its node (or guard_processes)
+        procs = max(1, c.guard_processes)
+        floors[f"guard ({procs} process{'es' if procs > 1 else ''} per node)"] = (
+            rows_in / (D.GUARD_RATE.value * procs * cl.nodes))
+        used[D.GUARD_RATE.name] = D.GUARD_RATE
+        notes.append(f"guard ceiling: {D.GUARD_RATE.value:,.0f} requests/s per guard process "
+                     f"x crawl.guard_processes ({procs}) x nodes, one request per row "
+                     "(redirects add more); raise crawl.guard_processes where it binds")
     if not c.guard or not cr.hosts:
         notes.append("no politeness floor: crawl.guard is off (img2dataset has no per-domain "
                      "limit)" if not c.guard else "no politeness floor: no hosts")

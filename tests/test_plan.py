@@ -146,6 +146,21 @@ def test_the_politeness_floor_is_the_busiest_host_over_nodes(runs):
     c1 = next(r for r in one["stages"] if r["stage"] == "crawl")
     c4 = next(r for r in four["stages"] if r["stage"] == "crawl")
     assert c4["floors_hours"][key] == pytest.approx(c1["floors_hours"][key] / 4, rel=1e-3)
+    # every request passes a guard process: its ceiling is a floor too, over nodes x processes
+    from pipeline.plan_defaults import GUARD_RATE
+
+    guard = "guard (1 process per node)"
+    assert c1["floors_hours"][guard] == pytest.approx(
+        c1["rows_in"] / GUARD_RATE.value / 3600, rel=1e-2)
+    assert c4["floors_hours"][guard] == pytest.approx(c1["floors_hours"][guard] / 4, rel=1e-2)
+    runs["cfg"].crawl.guard_processes = 2
+    try:
+        two = _again(runs, 400_000_000, plan.Cluster(1, cores, 0, None, None))
+    finally:
+        runs["cfg"].crawl.guard_processes = 1
+    c2 = next(r for r in two["stages"] if r["stage"] == "crawl")
+    assert c2["floors_hours"]["guard (2 processes per node)"] == pytest.approx(
+        c1["floors_hours"][guard] / 2, rel=1e-2)
     # nodes speed up the crawl only: ingest runs on one node either way
     i1, i4 = (next(r for r in x["stages"] if r["stage"] == "ingest") for x in (one, four))
     assert i1["wall_hours"] == i4["wall_hours"]
