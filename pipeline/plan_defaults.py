@@ -1,8 +1,9 @@
 """What `witforge plan` assumes where a pilot measured nothing: each default with its source,
 and the two inputs a person gives it (the target size, and a prices file with a date).
 
-Every figure here is a published one, quoted with where it was published; the planner prints
-the ones it used under its table, so no projection leans on a number nobody can look up.
+Every figure here is a published one, quoted with where it was published, or (the guard's
+ceiling) measured by one of witforge's benches, named; the planner prints the ones it used
+under its table, so no projection leans on a number nobody can look up.
 """
 
 from __future__ import annotations
