@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import write_results
+from pipeline.crawl_attempt import guard_summary
 from pipeline.guard.hostile import tiny_png
 from pipeline.guard.proxy import GuardProxy
 from pipeline.guard.server import GuardSettings
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 got = run_load(proxy.address, f"GET {url} HTTP/1.1\r\n{host}".encode(),
                                args.load_procs, args.conns, seconds)
             stats = proxy.stats()
-            per_process = [json.loads(f.read_text().splitlines()[-1])
-                           for f in proxy.event_files()]
+            per_process = [guard_summary(f) or {"summary": {}} for f in proxy.event_files()]
         cpu = stats.get("cpu_seconds") or 0.0
         got.update(guard_processes=n, guard_requests=stats.get("requests"),
                    guard_cpu_seconds=cpu,

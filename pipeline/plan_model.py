@@ -88,7 +88,7 @@ def crawl_floors(m: StageMeasure, pilot: Pilot, cl: Cluster, rows_in: float, kee
                      f"images/s per {D.CRAWL_NODE_CORES}-core 2 Gbps node")
         used[D.CRAWL_RATE.name] = D.CRAWL_RATE
     if c.guard:  # every request passes one guard process of its node (or guard_processes)
-        procs = max(1, c.guard_processes)
+        procs = c.guard_processes
         floors[f"guard ({procs} process{'es' if procs > 1 else ''} per node)"] = (
             rows_in / (D.GUARD_RATE.value * procs * cl.nodes))
         used[D.GUARD_RATE.name] = D.GUARD_RATE

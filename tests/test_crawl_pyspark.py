@@ -17,24 +17,18 @@ from tests.spark_cluster import spark_cluster
 from tests.test_guard_crawl import hostile_cases
 
 
-def _build(tmp: Path, urls: list[str], port: int) -> Path:
+def _build(tmp: Path, urls: list[str], port: int, **crawl: object) -> Path:
+    """A build crawling ``urls`` (captions "case <i>") on pyspark unless ``crawl`` says
+    otherwise."""
+    tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "m.jsonl").write_text("".join(
-        json.dumps({"url": u, "caption": f"a picture {i}"}) + "\n" for i, u in enumerate(urls)))
+        json.dumps({"url": u, "caption": f"case {i}"}) + "\n" for i, u in enumerate(urls)))
+    settings = {"distributor": "pyspark", "robots": False, "request_deadline": 5,
+                "max_body_bytes": 1000000, "processes_count": 1, "thread_count": 4,
+                "number_sample_per_shard": 4, "allow_hosts": [f"127.0.0.1:{port}"], **crawl}
     y = tmp / "b.yaml"
-    y.write_text(f"""name: s
-runs_dir: {tmp / 'runs'}
-sources: [{{path: m.jsonl}}]
-url_dedup: {{enabled: false}}
-crawl:
-  distributor: pyspark
-  robots: false
-  request_deadline: 5
-  max_body_bytes: 1000000
-  processes_count: 1
-  thread_count: 4
-  number_sample_per_shard: 4
-  allow_hosts: ["127.0.0.1:{port}"]
-""")
+    y.write_text(f"name: s\nruns_dir: {tmp / 'runs'}\nsources: [{{path: m.jsonl}}]\n"
+                 f"url_dedup: {{enabled: false}}\ncrawl: {json.dumps(settings)}\n")
     return y
 
 
@@ -65,27 +59,9 @@ def test_pyspark_without_java_fails_before_downloading(tmp_path: Path, monkeypat
 
 
 def _hostile_build(tmp: Path, cases: dict[str, str], port: int, distributor: str) -> Path:
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "m.jsonl").write_text("".join(
-        json.dumps({"url": u, "caption": f"case {i}"}) + "\n" for i, u in enumerate(cases)))
-    y = tmp / "b.yaml"
-    y.write_text(f"""name: g
-runs_dir: {tmp / 'runs'}
-sources: [{{path: m.jsonl}}]
-url_dedup: {{enabled: false}}
-crawl:
-  distributor: {distributor}
-  guard: true
-  robots: false
-  request_deadline: 2
-  max_body_bytes: 1000000
-  processes_count: 2
-  thread_count: 4
-  number_sample_per_shard: 2
-  timeout: 3
-  allow_hosts: ["127.0.0.1:{port}", "localhost:{port}"]
-""")
-    return y
+    return _build(tmp, list(cases), port, distributor=distributor, guard=True,
+                  request_deadline=2, processes_count=2, number_sample_per_shard=2, timeout=3,
+                  allow_hosts=[f"127.0.0.1:{port}", f"localhost:{port}"])
 
 
 def _crawl(y: Path) -> tuple[dict[str, str], dict]:

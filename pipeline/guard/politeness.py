@@ -46,8 +46,10 @@ class _Domain:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-class DomainLimiter:
-    """Concurrency and rate per domain for one asyncio loop."""
+class DomainPolicy:
+    """The per-domain rules both limiters apply (this module's, in one process, and
+    shared_limits.py's, across the processes on one port): the checked settings, each
+    domain's spacing between starts, and the backoff a 429/503 asks for."""
 
     def __init__(self, concurrency: int, rps: float, max_backoff: float = 600.0,
                  default_backoff: float = 1.0,
@@ -62,6 +64,25 @@ class DomainLimiter:
         self.intervals = {k: v for k, v in (intervals or {}).items() if v > self.interval}
         self.max_backoff = max_backoff
         self.default_backoff = default_backoff
+
+    def interval_for(self, domain: str) -> float:
+        return self.intervals.get(domain, self.interval)
+
+    def backoff_seconds(self, status: int, retry_after: str | None) -> float:
+        """How long a response tells us to leave its domain alone (0: it does not)."""
+        if status not in (429, 503):
+            return 0.0
+        wait = parse_retry_after(retry_after)
+        return self.default_backoff if wait is None else min(wait, self.max_backoff)
+
+
+class DomainLimiter(DomainPolicy):
+    """Concurrency and rate per domain for one asyncio loop."""
+
+    def __init__(self, concurrency: int, rps: float, max_backoff: float = 600.0,
+                 default_backoff: float = 1.0,
+                 intervals: dict[str, float] | None = None) -> None:
+        super().__init__(concurrency, rps, max_backoff, default_backoff, intervals)
         self._domains: dict[str, _Domain] = {}
         # Backoffs outlive the idle entries: a domain that said "come back in 30 s" must not
         # be forgotten just because nobody is asking it right now.
@@ -119,7 +140,7 @@ class DomainLimiter:
             start = max(now, d.next_start, self.backoff_until(domain))
             if start > deadline:
                 raise DomainBusy(f"rate limit or Retry-After leaves no time ({domain})")
-            d.next_start = start + self.intervals.get(domain, self.interval)
+            d.next_start = start + self.interval_for(domain)
             if start > now:
                 await asyncio.sleep(start - now)
         except BaseException:
@@ -134,10 +155,9 @@ class DomainLimiter:
 
     def note_response(self, domain: str, status: int, retry_after: str | None) -> float:
         """Slow the domain down after a 429/503; returns the backoff applied (seconds)."""
-        if status not in (429, 503):
+        wait = self.backoff_seconds(status, retry_after)
+        if not wait:
             return 0.0
-        wait = parse_retry_after(retry_after)
-        wait = self.default_backoff if wait is None else min(wait, self.max_backoff)
         until = asyncio.get_running_loop().time() + wait
         self._backoff[domain] = max(self._backoff.get(domain, 0.0), until)
         return wait

@@ -55,7 +55,7 @@ def settings_from_crawl(crawl: Any, **overrides: Any) -> GuardSettings:
         allow_hosts=list(crawl.allow_hosts),
         per_domain_concurrency=int(crawl.per_domain_concurrency),
         per_domain_rps=float(crawl.per_domain_rps),
-        processes=int(getattr(crawl, "guard_processes", 1)),
+        processes=int(crawl.guard_processes),
     )
     for k, v in overrides.items():
         setattr(s, k, v)

@@ -78,10 +78,11 @@ class GuardServer:
                  shared_limits: str = "") -> None:
         self.s = settings
         self.allow = parse_allow_hosts(settings.allow_hosts)
-        limiter = SharedDomainLimiter if shared_limits else DomainLimiter
-        args = (shared_limits,) if shared_limits else ()
-        self.limiter = limiter(*args, settings.per_domain_concurrency, settings.per_domain_rps,
-                               settings.max_backoff, intervals=settings.domain_intervals)
+        rules = (settings.per_domain_concurrency, settings.per_domain_rps, settings.max_backoff)
+        self.limiter = (SharedDomainLimiter(shared_limits, *rules,
+                                            intervals=settings.domain_intervals)
+                        if shared_limits else
+                        DomainLimiter(*rules, intervals=settings.domain_intervals))
         self.events = events
         self.counts: dict[str, int] = {}
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.guard.politeness import DomainBusy, parse_retry_after
+from pipeline.guard.politeness import DomainBusy, DomainPolicy
 
 SLOTS = 65536
 _RECORD = struct.Struct("=idd")  # in flight, next start, backoff until
@@ -50,21 +50,13 @@ def create_table(folder: str | Path | None = None) -> Path:
     return Path(name)
 
 
-class SharedDomainLimiter:
+class SharedDomainLimiter(DomainPolicy):
     """DomainLimiter's interface over the shared table at ``path``."""
 
     def __init__(self, path: str | Path, concurrency: int, rps: float,
                  max_backoff: float = 600.0, default_backoff: float = 1.0,
                  intervals: dict[str, float] | None = None) -> None:
-        if concurrency < 1:
-            raise ValueError("crawl.per_domain_concurrency must be >= 1")
-        if rps < 0:
-            raise ValueError("crawl.per_domain_rps must be >= 0 (0 = unlimited)")
-        self.concurrency = concurrency
-        self.interval = 1.0 / rps if rps > 0 else 0.0
-        self.intervals = {k: v for k, v in (intervals or {}).items() if v > self.interval}
-        self.max_backoff = max_backoff
-        self.default_backoff = default_backoff
+        super().__init__(concurrency, rps, max_backoff, default_backoff, intervals)
         self._fd = os.open(path, os.O_RDWR)
         self._map = mmap.mmap(self._fd, SIZE)
 
@@ -89,7 +81,7 @@ class SharedDomainLimiter:
     async def acquire(self, domain: str, deadline: float) -> str:
         """Wait for a slot and the domain's next start time (as DomainLimiter.acquire);
         raise DomainBusy if the wait would pass ``deadline`` (monotonic time)."""
-        interval = self.intervals.get(domain, self.interval)
+        interval = self.interval_for(domain)
         if self.backoff_until(domain) > deadline:
             raise DomainBusy(f"backing off until Retry-After ({domain})")
 
@@ -126,10 +118,9 @@ class SharedDomainLimiter:
         self._update(domain, lambda n, nxt, back: ((max(0, n - 1), nxt, back), None))
 
     def note_response(self, domain: str, status: int, retry_after: str | None) -> float:
-        if status not in (429, 503):
+        wait = self.backoff_seconds(status, retry_after)
+        if not wait:
             return 0.0
-        wait = parse_retry_after(retry_after)
-        wait = self.default_backoff if wait is None else min(wait, self.max_backoff)
         until = time.monotonic() + wait
         self._update(domain, lambda n, nxt, back: ((n, nxt, max(back, until)), None))
         return wait
