@@ -262,7 +262,7 @@ def _run_sample(cfg: BuildConfig, m: StageMeasure, how: str, root: Path) -> dict
 
 def _short_sources(cfg: BuildConfig, out: Path, n: int, con: duckdb.DuckDBPyConnection) -> list:
     """Each source file's first rows, in its own format (gzip dropped: the name says so)."""
-    from pipeline.ingest import detect_format, source_files
+    from pipeline.ingest_sources import detect_format, source_files
 
     out.mkdir(parents=True)
     files = source_files(cfg)

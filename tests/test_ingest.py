@@ -232,3 +232,22 @@ def test_url_normal_form_lowercases_scheme_and_authority_only(tmp_path: Path, ur
     cfg = load_build(_build(tmp_path, "  - {path: m.parquet}\n"))
     run_stage(cfg, "ingest", log=lambda s: None)
     assert [u for u, _, _ in _kept(cfg)] == [norm]
+
+
+def test_a_repaired_caption_repeats_the_clean_one_across_files(tmp_path: Path) -> None:
+    # File 2 holds the clean pair, file 1 its mojibake twin: after ftfy they are one pair, and
+    # the first file in build order keeps it. The repair must be applied before repeats are
+    # looked for, and the staged parts must not stay in the stage's folder.
+    pq.write_table(pa.table({"url": ["http://a.org/1", "http://a.org/2"],
+                             "caption": ["cafÃ© au lait", "tea"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"url": ["http://a.org/1", "http://a.org/3"],
+                             "caption": ["café au lait", "tea"]}), tmp_path / "b.parquet")
+    cfg = load_build(_build(tmp_path, "  - {path: a.parquet}\n  - {path: b.parquet}\n"))
+    report = run_stage(cfg, "ingest", log=lambda s: None)
+    assert _kept(cfg) == [("http://a.org/1", "café au lait", "a"), ("http://a.org/2", "tea", "a"),
+                          ("http://a.org/3", "tea", "b")]
+    assert _dropped(cfg) == [("exact_repeat", "same url and caption as an earlier row "
+                                              f"({tmp_path / 'b.parquet'})")]
+    assert report["captions_repaired_by_ftfy"] == 1
+    assert sorted(p.name for p in kept_of(cfg, "ingest").parent.iterdir()) == [
+        "_SUCCESS", "dropped.parquet", "kept.parquet", "report.json"]

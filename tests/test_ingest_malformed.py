@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import pipeline.ingest as ingest
+import pipeline.ingest_sources as ingest_sources
 from pipeline.config import load_build
 from pipeline.ledger import audit
 from pipeline.stage import StageError, kept_of, run_stage
@@ -101,7 +101,7 @@ def test_a_jsonl_of_only_bad_lines_keeps_nothing_and_drops_every_line(tmp_path: 
 
 def test_line_numbers_hold_across_read_chunks(tmp_path: Path, monkeypatch) -> None:
     # 64-byte chunks: most lines start in one chunk and end in the next
-    monkeypatch.setattr(ingest, "JSONL_CHUNK", 64)
+    monkeypatch.setattr(ingest_sources, "JSONL_CHUNK", 64)
     lines = [_line(i) for i in range(1, 41)]
     for k in (1, 17, 40):
         lines[k - 1] = b"{broken line %d" % k

@@ -1,7 +1,9 @@
 -- Ingest, JSON Lines read line by line (only for a file DuckDB's read_json refuses as a whole).
 -- Input: jsonl_batch(k BIGINT, line BLOB): a run of the file's lines, k = the 1-based line
 -- number (lines end at '\n' only, as read_json's own; a CRLF's '\r' is JSON whitespace).
--- Output: the good lines' values appended to raw, the bad lines' numbers and why to jsonl_bad.
+-- Output: table jsonl_chunk(k, why, uc): why NULL for a good line, whose [url, caption] is uc
+-- (pipeline.ingest stages those rows into a Parquet part, then drops the table); the bad
+-- lines' numbers and why appended to jsonl_bad.
 -- A line's fate must be the one read_json gives it, so that a file's rows don't depend on
 -- whether another line of it is broken: read_json skips blank lines and reads a `null` line
 -- as a record of NULLs; it refuses non-UTF-8 text, malformed JSON, a value that is not an
@@ -33,9 +35,5 @@ SELECT k, why,
     CASE WHEN why IS NULL THEN json_extract_string(text, [$url_key, $caption_key]) END AS uc
 FROM judged;
 
-INSERT INTO raw SELECT $src_order, $file_id, uc[1], uc[2] FROM jsonl_chunk WHERE why IS NULL;
-
 -- why = '': a blank line, which is no row (read_json skips it too)
 INSERT INTO jsonl_bad SELECT $file_id, k, why FROM jsonl_chunk WHERE why <> '';
-
-DROP TABLE jsonl_chunk;

@@ -1,13 +1,14 @@
--- Ingest: validate and normalize every raw row, give it a stable uid, mark exact repeats.
--- Input: table raw(src_order, file_id, url_raw, caption_raw), files(file_id, source, file),
--- special(r, c): the rowid of every caption with a character outside printable ASCII or a '&'
--- (~3 % of web captions), and that caption after ftfy (pipeline.ingest.mark_special_captions).
--- A row's fate is the first reason that applies; NULL reason = kept.
-CREATE OR REPLACE TEMP TABLE staged AS
+-- Ingest staging: validate and normalize rows and give each its stable uid. One SELECT that
+-- pipeline.ingest streams from a file's reader straight into a Parquet part, so that no table
+-- ever holds all the rows (an in-memory table of 100M raw rows spilled 24 GB and grew faster
+-- than the rows).
+-- Input: relation $src with url_raw, caption_raw (VARCHAR) and the columns named in $extra.
+-- Output: uid, url, caption, bad_reason (the first reason that applies; NULL = usable), and,
+-- when $keep_raw, url_raw and caption_raw for the rows whose caption ftfy may change (a
+-- non-ASCII or control character or a '&': ~3 % of web captions; NULL for the rest):
+-- pipeline.ingest repairs those in Python and stages the changed ones again with this query.
 WITH cleaned AS (
-    SELECT src_order, file_id, url_raw, coalesce(s.c, raw.caption_raw) AS caption_fixed,
-           s.r IS NOT NULL AS special
-    FROM raw LEFT JOIN special s ON raw.rowid = s.r
+    SELECT *, regexp_matches(caption_raw, '[^\x20-\x7E]|&') AS special FROM $src
 ), parsed AS (
     SELECT *,
         -- A plain URL: lower-case http(s), optional userinfo, a valid lower-case host name,
@@ -20,16 +21,16 @@ WITH cleaned AS (
         -- Only captions with a whitespace run, a tab/newline or a space at an end change.
         -- A caption outside `special` is printable ASCII, where the only whitespace is ' ':
         -- plain string tests answer for it (the regex costs ~3x them).
-        CASE WHEN special THEN regexp_matches(caption_fixed, '\s\s|[\t\n\f\r]|^\s|\s$')
-             ELSE contains(caption_fixed, '  ') OR prefix(caption_fixed, ' ')
-                  OR suffix(caption_fixed, ' ') END AS spaced
+        CASE WHEN special THEN regexp_matches(caption_raw, '\s\s|[\t\n\f\r]|^\s|\s$')
+             ELSE contains(caption_raw, '  ') OR prefix(caption_raw, ' ')
+                  OR suffix(caption_raw, ' ') END AS spaced
     FROM cleaned
 ), trimmed AS (
-    SELECT * EXCLUDE (url_raw, caption_fixed, spaced),
+    SELECT * EXCLUDE (spaced),
         -- a plain URL has no space to trim (trim copies every string it is given)
         CASE WHEN plain THEN url_raw ELSE trim(url_raw) END AS url_t,
-        coalesce(CASE WHEN spaced THEN trim(regexp_replace(caption_fixed, '\s+', ' ', 'g'))
-                      ELSE caption_fixed END, '') AS caption
+        coalesce(CASE WHEN spaced THEN trim(regexp_replace(caption_raw, '\s+', ' ', 'g'))
+                      ELSE caption_raw END, '') AS caption
     FROM parsed
 ), split AS (
     SELECT *,
@@ -68,29 +69,7 @@ WITH cleaned AS (
 )
 SELECT
     md5(coalesce(url_norm, coalesce(url_t, '')) || chr(31) || caption) AS uid,
-    coalesce(url_norm, url_t) AS url, caption, src_order, file_id, bad_reason
-FROM judged;
-
--- Keep one copy of the data alive at a time: this is what bounds ingest's peak memory.
-DROP TABLE raw;
-
--- Only uids seen more than once need ranking: a narrow group-by finds them, and the window
--- runs on those rows alone instead of on every row with every column. A table, not a view:
--- the kept and the dropped output both read it.
-CREATE OR REPLACE TEMP TABLE repeats AS
--- Rows already dropped for a bad URL take no part: a pair is never a repeat of a dropped row.
-WITH repeated AS (
-    SELECT uid FROM staged WHERE bad_reason IS NULL GROUP BY uid HAVING count(*) > 1
-)
-SELECT rowid AS r, row_number() OVER (PARTITION BY uid ORDER BY src_order, file_id) AS rn
-FROM staged WHERE bad_reason IS NULL AND uid IN (SELECT uid FROM repeated);
-
-CREATE OR REPLACE TEMP VIEW fated AS
-SELECT s.*, files.source, files.file,
-    CASE
-        WHEN bad_reason IS NOT NULL THEN bad_reason
-        -- Exact repeats of (url, caption): the first source in build order keeps the pair.
-        WHEN repeats.rn > 1 THEN 'exact_repeat'
-        ELSE NULL
-    END AS reason
-FROM staged s LEFT JOIN repeats ON s.rowid = repeats.r JOIN files USING (file_id);
+    coalesce(url_norm, url_t) AS url, caption, bad_reason$extra,
+    CASE WHEN $keep_raw AND special THEN url_raw END AS url_raw,
+    CASE WHEN $keep_raw AND special THEN caption_raw END AS caption_raw
+FROM judged
