@@ -57,9 +57,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     con = ctx.connect()
     steps = progress(total=3, desc="url_dedup: key, compare, write", unit="step")
     source = f"read_parquet({_str(str(ctx.input_path))}, file_row_number = true)"
+    keys = ctx.out_dir / "_url_keys.parquet"  # removed below: the stage folder holds outputs
     script = (SQL_DIR / "url_dedup.sql").read_text().format(
         canonical=canonical_sql(source, ctx.cfg.url_dedup.strip_params),
-        input=_str(str(ctx.input_path)))
+        input=_str(str(ctx.input_path)), keys=_str(str(keys)))
     try:
         con.execute(script)
     except duckdb.Error as e:
@@ -72,5 +73,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 "(FORMAT parquet)")
     steps.update()
     steps.close()
+    keys.unlink()
     groups = con.execute("SELECT count(DISTINCT keeper) FROM url_dups").fetchall()[0][0]
     return {"duplicate_groups": groups}

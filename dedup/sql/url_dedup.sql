@@ -1,13 +1,18 @@
 -- Exact url+caption dedup on the canonical URL (as cc2dataset does).
 -- Placeholders (str.format): canonical = url_canonical.sql over the input read with
--- file_row_number=true, input = the input path. Rows are addressed by their row number in
--- the input file (a BIGINT) rather than by uid: the per-row table stays narrow.
+-- file_row_number=true, input = the input path, keys = a Parquet file for the per-row keys.
+-- Rows are addressed by their row number in the input file (a BIGINT) rather than by uid:
+-- the per-row keys stay narrow.
 -- 1. per row: a 64-bit hash of (canonical url, caption), the url length (the survivor rule),
 --    and the canonical url only where it differs from url (NULL for most rows);
-CREATE OR REPLACE TEMP TABLE url_keys AS
-SELECT file_row_number AS rn, hash(coalesce(canon, url), caption) AS h,
-       length(url) AS url_len, canon
-FROM ({canonical});
+--    streamed to a Parquet file, not held as a table: at 96M rows that table was 2+ GB of
+--    the memory the hash aggregate below then had to spill around.
+COPY (
+    SELECT file_row_number AS rn, hash(coalesce(canon, url), caption) AS h,
+           length(url) AS url_len, canon
+    FROM ({canonical})
+) TO {keys} (FORMAT parquet);
+CREATE OR REPLACE TEMP VIEW url_keys AS SELECT * FROM read_parquet({keys});
 
 -- 2. only rows whose hash repeats can be duplicates; for them compare the real strings,
 --    so a hash collision can never drop a pair. The survivor of a group is the row with the
