@@ -34,16 +34,16 @@ from pipeline.ingest_sources import (
     json_pointer,
     jsonl_batches,
     jsonl_sample,
+    read_error,
     reader_sql,
     source_files,
     sql_ident,
     sql_str,
 )
 from pipeline.progress import progress
-from pipeline.stage import StageContext, StageError, StageSpec, disk_full
+from pipeline.stage import StageContext, StageError, StageSpec
 
 SQL_DIR = Path(__file__).parent / "sql"
-__all__ = ["detect_format", "fingerprint_inputs", "run", "source_files"]
 
 
 def fingerprint_inputs(cfg: BuildConfig, spec: StageSpec) -> dict[str, Any]:
@@ -106,10 +106,8 @@ def load_jsonl(con: duckdb.DuckDBPyConnection, parts: Parts, i: int, n: int, src
                             f"{sql_ident(src.caption_col)} AS caption_raw "
                             f"FROM {reader_sql(path, 'jsonl', src, None)})")
         return
-    except duckdb.Error as e:
-        if disk_full(e):
-            raise
-        # a line read_json refuses (its part was removed): read the file line by line
+    except duckdb.Error:
+        pass  # a line read_json refuses (its part was removed): read the file line by line
     script = (SQL_DIR / "ingest_jsonl_lines.sql").read_text()
     for name, value in (("$url_key", sql_str(json_pointer(src.url_col))),
                         ("$caption_key", sql_str(json_pointer(src.caption_col))),
@@ -127,9 +125,7 @@ def load_jsonl(con: duckdb.DuckDBPyConnection, parts: Parts, i: int, n: int, src
                 con.unregister("jsonl_batch")
                 con.execute("DROP TABLE IF EXISTS jsonl_chunk")
     except (OSError, EOFError, zlib.error, duckdb.Error) as e:
-        if disk_full(e):
-            raise  # the stage runner names the disk
-        raise StageError(f"{path}: cannot read it: {str(e).splitlines()[0]}") from e
+        raise read_error(path, e) from e
     if shape and rows == 0:
         how = "spread over lines" if shape == "pretty" else "on one line"
         raise StageError(f"{path}: this is one JSON array ({how}), not JSON Lines (one object "
@@ -164,9 +160,7 @@ def stage_sources(con: duckdb.DuckDBPyConnection, cfg: BuildConfig, parts: Parts
                                 f"{sql_ident(src.caption_col)}::VARCHAR AS caption_raw "
                                 f"FROM {reader_sql(path, fmt, src, table)})")
         except duckdb.Error as e:
-            if disk_full(e):
-                raise  # the stage runner names the disk
-            raise StageError(f"{path}: cannot read it: {str(e).splitlines()[0]}") from e
+            raise read_error(path, e) from e
         if table:
             rejects.append(table)
     # A rejected CSV line can be reported once per bad column: one ledger row per line.
@@ -216,15 +210,13 @@ def repair_captions(con: duckdb.DuckDBPyConnection, cfg: BuildConfig, parts: Par
 
 def define_staged(con: duckdb.DuckDBPyConnection, parts: Parts, repaired: int) -> None:
     """View staged(part, r, file_id, uid, url, caption, bad_reason) over the parts."""
-    p = f"read_parquet({parts.glob}, file_row_number = true)"
-    if not repaired:  # no join to pay on every later scan
-        con.execute(f"CREATE OR REPLACE TEMP VIEW staged AS SELECT part, file_row_number AS r, "
-                    f"file_id, uid, url, caption, bad_reason FROM {p}")
-        return
+    # without repairs, no join to pay on each of the three later scans
+    uid, caption, join = ("coalesce(f.uid, p.uid)", "coalesce(f.caption, p.caption)",
+                          "LEFT JOIN repaired f ON p.part = f.part AND p.file_row_number = f.r"
+                          ) if repaired else ("p.uid", "p.caption", "")
     con.execute(f"CREATE OR REPLACE TEMP VIEW staged AS SELECT p.part, p.file_row_number AS r, "
-                f"p.file_id, coalesce(f.uid, p.uid) AS uid, p.url, "
-                f"coalesce(f.caption, p.caption) AS caption, p.bad_reason FROM {p} p "
-                f"LEFT JOIN repaired f ON p.part = f.part AND p.file_row_number = f.r")
+                f"p.file_id, {uid} AS uid, p.url, {caption} AS caption, p.bad_reason "
+                f"FROM read_parquet({parts.glob}, file_row_number = true) p {join}")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

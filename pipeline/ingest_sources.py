@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import BuildConfig, Source
-from pipeline.stage import StageError
+from pipeline.stage import StageError, disk_full
 
 FORMATS = ("csv", "tsv", "json", "jsonl", "parquet")
 SUFFIXES = ((".tsv", "tsv"), (".csv", "csv"), (".jsonl", "jsonl"), (".ndjson", "jsonl"),
@@ -117,11 +117,20 @@ def reader_sql(path: Path, fmt: str, src: Source, rejects: str | None,
     return f"read_parquet({p})"
 
 
+def read_error(path: Path, e: BaseException) -> BaseException:
+    """The error to raise when reading ``path`` failed with ``e``: "cannot read it", naming the
+    file, except for a full disk (ingest writes as it reads), which stays itself so that the
+    stage runner names the disk."""
+    if disk_full(e):
+        return e
+    return StageError(f"{path}: cannot read it: {str(e).splitlines()[0]}")
+
+
 def columns_of(con: duckdb.DuckDBPyConnection, reader: str, path: Path) -> list[str]:
     try:
         return [r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {reader}").fetchall()]
     except duckdb.Error as e:
-        raise StageError(f"{path}: cannot read it: {str(e).splitlines()[0]}") from e
+        raise read_error(path, e) from e
 
 
 def _open_binary(path: Path) -> BinaryIO:
