@@ -21,6 +21,12 @@ dropped by the first filter that does not return TRUE: ``reason`` = that filter'
 that cannot say yes does not keep a row). Later filters never see a dropped row, so each
 row is kept or dropped exactly once, and an expensive filter listed last (``english``)
 only runs on the rows the cheap ones kept.
+
+A condition that reads only its own row (no SELECT, FROM, OVER or ``pairs`` in it) gives the
+same answer on any slice of the input, so when every filter is one, the stage loads the input
+in parts of at most half the memory limit, each into a sandbox of its own: at 100M rows the
+whole caption column would not fit and would spill. A query filter, or a condition with a
+subquery or a window, sees the whole input in one part.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import BuildConfig, ConfigError, load_build
+from pipeline.plan_defaults import parse_size
 from pipeline.progress import progress
 from pipeline.sandbox import is_permission_error, open_sandbox
 from pipeline.stage import (
@@ -57,6 +64,15 @@ DETAIL_COLUMNS = {"clip_filter": ("clip_score",)}
 # A query starts with one of these words; anything else (even "(SELECT …) > 0") is a condition.
 _QUERY_START = re.compile(r"^(select|with|from)\b", re.IGNORECASE)
 _LEADING_COMMENTS = re.compile(r"^(?:\s+|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
+# Words by which a condition reaches beyond its own row (a subquery, a window).
+_BEYOND_ROW = re.compile(r"\b(select|from|over|pairs)\b", re.IGNORECASE)
+# A part of a split input holds at least this many rows (the fixed cost per part is ~10 ms).
+MIN_PART_ROWS = 1_000_000
+# A part's columns take at most this share of the memory limit: the filters' work and the
+# process itself need the rest.
+PART_MEMORY_SHARE = 0.5
+# DuckDB's in-memory row: a 16-byte string header per text column and the 8-byte _row.
+ROW_OVERHEAD_BYTES = 24
 
 
 @dataclass(frozen=True)
@@ -241,6 +257,29 @@ def _strip_literals(sql: str) -> str:
     return re.sub(r"'(?:[^']|'')*'|--[^\n]*|/\*.*?\*/", " ", sql, flags=re.DOTALL)
 
 
+def row_local(f: Filter) -> bool:
+    """True when the filter's answer for a row depends on that row alone."""
+    return not f.is_query and not _BEYOND_ROW.search(_strip_literals(f.sql))
+
+
+def part_ranges(path: Path, filters: list[Filter], columns: list[str],
+                memory_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges [start, end) of ``path`` to load one at a time: one range unless every
+    filter is row-local and the columns they read exceed PART_MEMORY_SHARE of
+    ``memory_bytes``."""
+    meta = pq.ParquetFile(path).metadata
+    rows = meta.num_rows
+    if not rows or not all(row_local(f) for f in filters):
+        return [(0, rows)]
+    wanted = set(columns)
+    data = sum(meta.row_group(g).column(c).total_uncompressed_size
+               for g in range(meta.num_row_groups) for c in range(meta.num_columns)
+               if meta.row_group(g).column(c).path_in_schema in wanted)
+    per_row = data / rows + ROW_OVERHEAD_BYTES * max(len(columns), 1)
+    step = max(MIN_PART_ROWS, int(memory_bytes * PART_MEMORY_SHARE / per_row))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
 def apply_filters(con: duckdb.DuckDBPyConnection, filters: list[Filter],
                   stage: str) -> pa.Table:
     """Check and run ``filters`` on table pairs of a sandbox; the dropped rows' ledger."""
@@ -263,20 +302,31 @@ def run(ctx: StageContext) -> dict[str, Any]:
                     f"TO '{ctx.kept_path}' (FORMAT parquet)")
         ctx.write_empty_dropped(con)
         return {"filters": []}
-    steps = progress(total=3, desc=f"{section}: load, filter, write", unit="step")
     names = pq.read_schema(ctx.input_path).names
     needed = columns_needed(filters, names)
     needed += [c for c in DETAIL_COLUMNS.get(section, ()) if c in names and c not in needed]
-    sandbox = open_sandbox(ctx.cfg, {"pairs": ctx.input_path}, variables_of(ctx.cfg, section),
-                           columns={"pairs": needed})
-    steps.update()
-    dropped = apply_filters(sandbox, filters, section).select(["_row", "reason", "detail"])
-    sandbox.close()
-    steps.update()
     # Both outputs are written by an ordinary connection straight from the input Parquet,
     # matched on row position: native Parquet writing, every input column carried forward,
     # and exactly one outcome per row even if a uid were repeated.
     con = ctx.connect()
+    setting = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+    try:
+        limit = parse_size(setting)
+    except ValueError:  # no limit DuckDB states in bytes: load the input whole
+        limit = 1 << 62
+    ranges = part_ranges(ctx.input_path, filters, needed, limit)
+    steps = progress(total=len(ranges) + 1, unit="step",
+                     desc=f"{section}: filter {len(ranges)} part(s), write")
+    parts = []
+    for rows in ranges:
+        sandbox = open_sandbox(ctx.cfg, {"pairs": ctx.input_path},
+                               variables_of(ctx.cfg, section), columns={"pairs": needed},
+                               rows=rows)
+        parts.append(apply_filters(sandbox, filters, section).select(["_row", "reason",
+                                                                       "detail"]))
+        sandbox.close()
+        steps.update()
+    dropped = pa.concat_tables(parts)
     con.register("dropped_rows", dropped)
     source = f"read_parquet('{ctx.input_path}', file_row_number = true)"
     con.execute(f"COPY (SELECT i.uid::VARCHAR AS uid, '{section}' AS stage, d.reason, d.detail "
@@ -290,7 +340,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     by_filter = {f.name: 0 for f in filters}
     for reason, count in zip(*_counts(dropped), strict=True):
         by_filter[reason] = count
-    return {"filters": [f"{f.name} ({f.path})" for f in filters], "dropped_by_filter": by_filter}
+    return {"filters": [f"{f.name} ({f.path})" for f in filters], "dropped_by_filter": by_filter,
+            "parts": len(ranges)}
 
 
 def _counts(dropped: pa.Table) -> tuple[list[str], list[int]]:

@@ -84,12 +84,14 @@ def _literal(value: Any) -> str:
 
 def open_sandbox(cfg: BuildConfig | None, tables: dict[str, Path | pa.Table],
                  variables: dict[str, Any] | None = None,
-                 columns: dict[str, list[str]] | None = None) -> duckdb.DuckDBPyConnection:
+                 columns: dict[str, list[str]] | None = None,
+                 rows: tuple[int, int] | None = None) -> duckdb.DuckDBPyConnection:
     """A connection holding ``tables`` (Parquet paths or Arrow tables) and ``variables``
     (read with ``getvariable('name')``), with file, network and extension access off.
 
     A table loaded from Parquet also has column ``_row``, the row's position in the file,
-    and only the ``columns`` listed for it (all when not listed)."""
+    only the ``columns`` listed for it (all when not listed), and, with ``rows=(a, b)``,
+    only the rows a <= _row < b (DuckDB skips the other row groups)."""
     con = connect(cfg) if cfg is not None else duckdb.connect()
     for name, src in tables.items():
         cols = (columns or {}).get(name)
@@ -102,8 +104,10 @@ def open_sandbox(cfg: BuildConfig | None, tables: dict[str, Path | pa.Table],
             con.unregister(f"_arrow_{name}")
         else:
             path = str(src).replace("'", "''")
+            where = f" WHERE file_row_number >= {int(rows[0])} AND file_row_number < " \
+                f"{int(rows[1])}" if rows is not None else ""
             con.execute(f"CREATE TABLE \"{name}\" AS SELECT {select}, file_row_number AS _row "
-                        f"FROM read_parquet('{path}', file_row_number = true)")
+                        f"FROM read_parquet('{path}', file_row_number = true){where}")
     for key, value in (variables or {}).items():
         con.execute(f"SET VARIABLE {key} = {_literal(value)}")
     register_functions(con)

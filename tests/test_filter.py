@@ -287,3 +287,52 @@ def test_a_later_filter_only_sees_the_survivors_of_earlier_ones(tmp_path: Path) 
     assert dropped.num_rows == 45000
     assert seen[0] == 5000  # the costly filter ran on the 10 % the cheap one kept
     con.close()
+
+
+def _split_build(tmp_path: Path, filters: str) -> Path:
+    """20,000 ingested pairs (about 1.4 MB of captions)."""
+    words = ["red", "apple", "cat", "on", "a", "table", "IMG_0042.jpg", "sofa", "old", "map"]
+    captions = [f"click here for photo {i}" if i % 50 == 0 else f"two w{i}" if i % 50 == 1 else
+                " ".join(words[(i * k) % len(words)] for k in range(1 + i % 13))
+                + f" no {i} " + "x" * (i % 90) for i in range(20_000)]
+    rows = [f"http://h{i % 97}.org/{i}.jpg,{c}" for i, c in enumerate(captions)]
+    y = _build(tmp_path, f"text_filter:\n  filters: [{filters}]\nurl_dedup:\n  enabled: false\n")
+    (tmp_path / "m.csv").write_text("url,caption\n" + "\n".join(rows) + "\n")
+    return y
+
+
+def test_row_local_filters_run_in_parts_with_the_whole_input_answer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # parts of ~400 KB (1e-4 of the 4 GB default memory limit) instead of 2 GB
+    monkeypatch.setattr("pipeline.filter.MIN_PART_ROWS", 1_000)
+    monkeypatch.setattr("pipeline.filter.PART_MEMORY_SHARE", 1e-4)
+    (tmp_path / "no_cats.sql").write_text("NOT contains(caption, 'cat')")
+    cfg = load_build(_split_build(tmp_path, "caption_length, junk_caption, no_cats.sql"))
+    run_stage(cfg, "ingest", log=lambda s: None)
+    report = run_stage(cfg, "text_filter", log=lambda s: None)
+    assert report["parts"] >= 3
+    # the same filters over the whole input in one sandbox
+    whole = open_sandbox(None, {"pairs": kept_of(cfg, "ingest")})
+    expected = apply_filters(whole, [resolve_filter(cfg, n) for n in
+                                     ("caption_length", "junk_caption", "no_cats.sql")], "x")
+    want = sorted((r["uid"], r["reason"], r["detail"]) for r in expected.to_pylist())
+    got = [(u, reason, detail) for u, _, reason, detail in _ledger(cfg, "text_filter")]
+    assert got == want and {r[1] for r in got} == {"caption_length", "junk_caption", "no_cats"}
+    assert report["kept"] == 20_000 - len(want) > 0
+
+
+def test_a_condition_over_other_rows_sees_the_whole_input(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # parts of ~400 KB (1e-4 of the 4 GB default memory limit) instead of 2 GB
+    monkeypatch.setattr("pipeline.filter.MIN_PART_ROWS", 1_000)
+    monkeypatch.setattr("pipeline.filter.PART_MEMORY_SHARE", 1e-4)
+    # drops the longest caption(s) of the input; split in parts it would drop each part's
+    (tmp_path / "not_longest.sql").write_text(
+        "length(caption) < (SELECT max(length(caption)) FROM pairs)")
+    cfg = load_build(_split_build(tmp_path, "not_longest.sql"))
+    run_stage(cfg, "ingest", log=lambda s: None)
+    report = run_stage(cfg, "text_filter", log=lambda s: None)
+    longest = duckdb.sql(f"SELECT count(*) FROM '{kept_of(cfg, 'ingest')}' WHERE length(caption)"
+                         f" = (SELECT max(length(caption)) FROM '{kept_of(cfg, 'ingest')}')"
+                         ).fetchall()[0][0]
+    assert report["parts"] == 1 and report["dropped"] == longest
