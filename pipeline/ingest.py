@@ -17,6 +17,7 @@ missing or twice-named column fails the stage, naming the file and the column.
 from __future__ import annotations
 
 import shutil
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -174,9 +175,12 @@ def stage_sources(con: duckdb.DuckDBPyConnection, cfg: BuildConfig, parts: Parts
                     f"FROM {t} JOIN {t}_scan USING (scan_id) GROUP BY file_path, line")
 
 
-def repair_captions(con: duckdb.DuckDBPyConnection, cfg: BuildConfig, parts: Parts) -> int:
+def repair_captions(con: duckdb.DuckDBPyConnection, cfg: BuildConfig,
+                    parts: Parts) -> dict[str, Any]:
     """Table repaired(part, r, uid, caption): every staged row whose caption ftfy changes,
-    staged again with the repaired caption; returns how many there are.
+    staged again with the repaired caption. Returns how many there are and what ftfy cost:
+    its seconds and the distinct captions it saw (``witforge plan`` scales that part by the
+    distinct captions, which grow slower than the rows).
 
     Only the captions the staging query kept raw can need ftfy (3 % of the bench manifest).
     They are repaired in Python outside any DuckDB query: the same work as a Python UDF
@@ -188,6 +192,7 @@ def repair_captions(con: duckdb.DuckDBPyConnection, cfg: BuildConfig, parts: Par
     changed, fixed = [], []
     # Web captions repeat ("Café", stock-photo titles): each distinct one is fixed once.
     fixed_of: dict[str, str] = {}
+    wall, cpu = time.perf_counter(), time.process_time()
     for j, c in enumerate(progress(texts, desc="ingest: ftfy", unit="caption",
                                disable=len(texts) < 65536, mininterval=1)):
         f = fixed_of.get(c)
@@ -196,6 +201,10 @@ def repair_captions(con: duckdb.DuckDBPyConnection, cfg: BuildConfig, parts: Par
         if f != c:
             changed.append(j)
             fixed.append(f)
+    cost = {"captions_repaired_by_ftfy": len(changed), "ftfy_captions": len(texts),
+            "ftfy_distinct_captions": len(fixed_of),
+            "ftfy_seconds": round(time.perf_counter() - wall, 6),
+            "ftfy_cpu_seconds": round(time.process_time() - cpu, 6)}
     del texts, fixed_of
     fixes = todo.take(pa.array(changed, pa.int64())).drop_columns(["caption_raw"]) \
         .append_column("caption_raw", pa.array(fixed, pa.string()))
@@ -205,7 +214,7 @@ def repair_captions(con: duckdb.DuckDBPyConnection, cfg: BuildConfig, parts: Par
                     f"FROM ({stage_sql(cfg, 'caption_fixes', extra=', part, r')})")
     finally:
         con.unregister("caption_fixes")
-    return len(changed)
+    return cost
 
 
 def define_staged(con: duckdb.DuckDBPyConnection, parts: Parts, repaired: int) -> None:
@@ -224,8 +233,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     con = ctx.connect()
     parts = Parts(cfg, ctx.out_dir / "_staged")
     stage_sources(con, cfg, parts)
-    repaired = repair_captions(con, cfg, parts) if cfg.ingest.ftfy else 0
-    define_staged(con, parts, repaired)
+    ftfy = repair_captions(con, cfg, parts) if cfg.ingest.ftfy else {}
+    define_staged(con, parts, ftfy.get("captions_repaired_by_ftfy", 0))
     con.execute((SQL_DIR / "ingest_repeats.sql").read_text())
     stage = sql_str(ctx.spec.name)
     con.execute(f"COPY (SELECT uid, url, caption, source FROM fated WHERE reason IS NULL) "
@@ -244,5 +253,4 @@ def run(ctx: StageContext) -> dict[str, Any]:
     con.close()
     shutil.rmtree(parts.folder)
     return {"rows_in": parts.rows + n_unreadable, "kept_by_source": by_source,
-            "captions_repaired_by_ftfy": repaired,
-            "files": len(source_files(cfg))}
+            "captions_repaired_by_ftfy": 0, **ftfy, "files": len(source_files(cfg))}

@@ -32,6 +32,7 @@ from pipeline.plan_model import (
     Cluster,
     cost,
     crawl_floors,
+    ftfy,
     makespan,
     robots,
     sig,
@@ -138,6 +139,8 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
             gpu_h = wall / 3600
         if m.name == "robots":
             wall, cpu_s = robots(m, pilot, rows_in, cl, cpu_total, notes, (wall, cpu_s))
+        if m.name == "ingest":
+            wall, cpu_s = ftfy(m, pilot, rows_in, cl, (wf, wv, cf, cv), notes) or (wall, cpu_s)
     floors = {"model": wall}
     disk = m.disk_bytes / m.rows_in * rows_in if m.rows_in else 0.0
     temp = m.work_bytes * scale if m.name == "crawl" else 0.0

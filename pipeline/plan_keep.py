@@ -58,14 +58,25 @@ def duplicate_growth(folder: Path, reasons: tuple[str, ...]) -> dict[str, Any] |
 def origin_growth(input_path: Path) -> dict[str, Any] | None:
     """Rows and distinct origins of the robots stage's input, and the exponent e of
     origins ~ rows^e (the mean over 8 random halves, clamped to [0, 1])."""
-    sql = (SQL / "plan_origins.sql").read_text().format(input=input_path)
+    return key_growth("plan_origins.sql", input_path)
+
+
+def caption_growth(kept_path: Path) -> dict[str, Any] | None:
+    """The same for the distinct captions ingest runs through ftfy, on its kept rows."""
+    return key_growth("plan_captions.sql", kept_path)
+
+
+def key_growth(sql_file: str, input_path: Path) -> dict[str, Any] | None:
+    """{rows, keys, exponent}: distinct keys over every row of ``input_path`` (the query in
+    ``sql_file``) and e of keys ~ rows^e, the mean over 8 random halves, clamped to [0, 1]."""
+    sql = (SQL / sql_file).read_text().format(input=input_path)
     got = duckdb.connect().execute(sql).fetchall()
-    n, o = next(((n, g) for s, n, g in got if s == -1), (0, 0))
-    slopes = [math.log(o / oh) / math.log(n / nh) for s, nh, oh in got
-              if s >= 0 and 0 < nh < n and oh > 0]
-    if n < 2 or not o or not slopes:
+    n, k = next(((n, g) for s, n, g in got if s == -1), (0, 0))
+    slopes = [math.log(k / kh) / math.log(n / nh) for s, nh, kh in got
+              if s >= 0 and 0 < nh < n and kh > 0]
+    if n < 2 or not k or not slopes:
         return None
-    return {"rows": n, "origins": o,
+    return {"rows": n, "keys": k,
             "exponent": round(min(1.0, max(0.0, sum(slopes) / len(slopes))), 4)}
 
 

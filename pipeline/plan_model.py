@@ -54,8 +54,22 @@ def makespan(rows: float, per_shard: int, slots: int) -> float:
     return max(max(free), 1.0)
 
 
+def per_key(m: StageMeasure, rows_in: float, cl: Cluster, fit: tuple[float, ...],
+            part: tuple[float, float, int], exponent: float) -> tuple[float, float, float]:
+    """(wall, cpu, keys) of a stage part of whose time is spent once per distinct key (a
+    robots.txt per origin, ftfy per distinct caption), on one core: that part (pilot
+    seconds, CPU seconds, keys) follows the keys, keys ~ rows^exponent; the rest of the
+    stage's fit (fixed wall, wall per row, fixed CPU, CPU per row) follows the rows."""
+    wf, wv, cf, cv = fit
+    secs, cpu_s, keys = part
+    n = max(m.rows_in, 1)
+    at = keys * (rows_in / n) ** exponent
+    wall = wf + max(0.0, wv - secs / n) * rows_in * m.cores / cl.cores + secs / keys * at
+    return wall, cf + max(0.0, cv - cpu_s / n) * rows_in + cpu_s / keys * at, at
+
+
 def robots(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, cpu: float,
-            notes: list[str], linear: tuple[float, float]) -> tuple[float, float]:
+           notes: list[str], linear: tuple[float, float]) -> tuple[float, float]:
     """robots.txt is fetched once per origin: that part of the stage's time follows the
     origins (origins ~ rows^e, fit on random halves of the pilot's input), the rest the rows."""
     fetch, fetched = m.report.get("robots_fetch_seconds"), m.report.get("robots_fetched")
@@ -64,15 +78,34 @@ def robots(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, cpu: floa
     g = plan_keep.origin_growth(prev) if fetch and fetched and prev else None
     if g is None or not m.seconds:
         return linear
-    scale = rows_in / m.rows_in
-    origins = g["origins"] * scale ** g["exponent"]
     share = min(1.0, fetch / m.seconds)
-    wall = (m.seconds - fetch) * scale * m.cores / cl.cores + fetch / fetched * origins
-    cpu_s = cpu * (1 - share) * scale + cpu * share * origins / fetched
-    notes.append(f"robots.txt once per origin: {g['origins']:,} in the pilot, ~{origins:,.0f} at "
+    n = max(m.rows_in, 1)
+    wall, cpu_s, origins = per_key(m, rows_in, cl, (0.0, m.seconds / n, 0.0, cpu / n),
+                                   (fetch, cpu * share, fetched), g["exponent"])
+    notes.append(f"robots.txt once per origin: {g['keys']:,} in the pilot, ~{origins:,.0f} at "
                  f"this size (origins ~ rows^{g['exponent']:.2f}, fit on random halves of the "
                  f"pilot's input), {fetch / fetched:.3g} s each as in the pilot")
     return wall, cpu_s
+
+
+def ftfy(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, fit: tuple[float, ...],
+         notes: list[str]) -> tuple[float, float] | None:
+    """ingest's ftfy repair runs once per distinct caption that may need it, in Python on
+    one core, and web captions repeat: that part follows the distinct captions (~ rows^e,
+    fit on random halves of the pilot's kept rows), the rest of ingest the rows."""
+    r = m.report
+    secs, cpu_s, keys = (r.get("ftfy_seconds"), r.get("ftfy_cpu_seconds"),
+                         r.get("ftfy_distinct_captions"))
+    if not secs or not keys:
+        return None
+    g = plan_keep.caption_growth(pilot.cfg.run_dir / m.folder / "kept.parquet")
+    if g is None:
+        return None
+    wall, cpu, at = per_key(m, rows_in, cl, fit, (secs, cpu_s or secs, keys), g["exponent"])
+    notes.append(f"ftfy once per distinct caption: {keys:,} in the pilot ({secs:.3g} s), "
+                 f"~{at:,.0f} at this size (~ rows^{g['exponent']:.2f}, fit on random halves "
+                 "of the pilot's kept rows)")
+    return wall, cpu
 
 
 def crawl_floors(m: StageMeasure, pilot: Pilot, cl: Cluster, rows_in: float, keep: float,
