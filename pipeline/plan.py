@@ -36,6 +36,7 @@ from pipeline.plan_model import (
     makespan,
     robots,
     sig,
+    speedup,
     timed_rows,
     train_row,
 )
@@ -134,7 +135,7 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
         basis = f"default: {D.EMBED_RATE.value:,.0f} samples/s per GPU (ViT-B/32)"
         notes.append("the embed stage runs on one device: its wall time is its GPU-hours")
     else:
-        wall = wf + wv * rows_in * (m.cores / cl.cores)
+        wall = wf + wv * rows_in / speedup(m, rows_in, cl, timed)
         if m.name == "embed" and pilot.embed_device == "cuda":
             gpu_h = wall / 3600
         if m.name == "robots":

@@ -4,6 +4,7 @@ resumed stage, training, and the cost of a line (pipeline/plan.py puts them toge
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,17 +55,38 @@ def makespan(rows: float, per_shard: int, slots: int) -> float:
     return max(max(free), 1.0)
 
 
-def per_key(m: StageMeasure, rows_in: float, cl: Cluster, fit: tuple[float, ...],
-            part: tuple[float, float, int], exponent: float) -> tuple[float, float, float]:
+# DuckDB splits a scan among its threads by row group (122,880 rows by default, and in every
+# Parquet file witforge writes): a stage over fewer row groups than cores runs on fewer threads.
+ROW_GROUP_ROWS = 122_880
+# Stages whose per-row work is DuckDB's, spread that way (ingest's ftfy part aside).
+DUCKDB_THREADED = {"ingest", "text_filter", "url_dedup", "precrawl_balance", "image_filter",
+                   "clip_filter", "balance"}
+
+
+def speedup(m: StageMeasure, rows_in: float, cl: Cluster, timed: int) -> float:
+    """How much faster the target runs a row than the pilot did: its cores over the pilot's,
+    and for a DuckDB stage the threads its row groups can keep busy (a 100k-row pilot is one
+    row group, one thread; its 1M-row target keeps both cores of this machine busy)."""
+    if m.name not in DUCKDB_THREADED:
+        return cl.cores / m.cores
+    def threads(rows: float, cores: int) -> float:
+        return min(cores, max(1, math.ceil(rows / ROW_GROUP_ROWS)))
+    return threads(rows_in, cl.cores) / threads(timed, m.cores)
+
+
+def per_key(m: StageMeasure, rows_in: float, fit: tuple[float, ...],
+            part: tuple[float, float, int], exponent: float,
+            faster: float) -> tuple[float, float, float]:
     """(wall, cpu, keys) of a stage part of whose time is spent once per distinct key (a
     robots.txt per origin, ftfy per distinct caption), on one core: that part (pilot
     seconds, CPU seconds, keys) follows the keys, keys ~ rows^exponent; the rest of the
-    stage's fit (fixed wall, wall per row, fixed CPU, CPU per row) follows the rows."""
+    stage's fit (fixed wall, wall per row, fixed CPU, CPU per row) follows the rows, run
+    ``faster`` times faster than in the pilot (``speedup``)."""
     wf, wv, cf, cv = fit
     secs, cpu_s, keys = part
     n = max(m.rows_in, 1)
     at = keys * (rows_in / n) ** exponent
-    wall = wf + max(0.0, wv - secs / n) * rows_in * m.cores / cl.cores + secs / keys * at
+    wall = wf + max(0.0, wv - secs / n) * rows_in / faster + secs / keys * at
     return wall, cf + max(0.0, cv - cpu_s / n) * rows_in + cpu_s / keys * at, at
 
 
@@ -80,8 +102,9 @@ def robots(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, cpu: floa
         return linear
     share = min(1.0, fetch / m.seconds)
     n = max(m.rows_in, 1)
-    wall, cpu_s, origins = per_key(m, rows_in, cl, (0.0, m.seconds / n, 0.0, cpu / n),
-                                   (fetch, cpu * share, fetched), g["exponent"])
+    wall, cpu_s, origins = per_key(m, rows_in, (0.0, m.seconds / n, 0.0, cpu / n),
+                                   (fetch, cpu * share, fetched), g["exponent"],
+                                   speedup(m, rows_in, cl, n))
     notes.append(f"robots.txt once per origin: {g['keys']:,} in the pilot, ~{origins:,.0f} at "
                  f"this size (origins ~ rows^{g['exponent']:.2f}, fit on random halves of the "
                  f"pilot's input), {fetch / fetched:.3g} s each as in the pilot")
@@ -101,7 +124,8 @@ def ftfy(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, fit: tuple[
     g = plan_keep.caption_growth(pilot.cfg.run_dir / m.folder / "kept.parquet")
     if g is None:
         return None
-    wall, cpu, at = per_key(m, rows_in, cl, fit, (secs, cpu_s or secs, keys), g["exponent"])
+    wall, cpu, at = per_key(m, rows_in, fit, (secs, cpu_s or secs, keys), g["exponent"],
+                            speedup(m, rows_in, cl, max(m.rows_in, 1)))
     notes.append(f"ftfy once per distinct caption: {keys:,} in the pilot ({secs:.3g} s), "
                  f"~{at:,.0f} at this size (~ rows^{g['exponent']:.2f}, fit on random halves "
                  "of the pilot's kept rows)")

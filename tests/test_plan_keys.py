@@ -12,6 +12,7 @@ import pytest
 from pipeline.config import load_build
 from pipeline.plan import plan_build
 from pipeline.plan_keep import caption_growth
+from pipeline.plan_model import Cluster
 from pipeline.stage import run_stage
 
 ROWS = 20_000
@@ -56,3 +57,22 @@ def test_ingest_projection_scales_ftfy_by_distinct_captions(tmp_path: Path) -> N
     ftfy_cpu = report["ftfy_cpu_seconds"]
     linear = row["cpu_fixed_seconds"] + row["cpu_seconds_per_row"] * rows
     assert row["cpu_seconds"] == pytest.approx(linear - ftfy_cpu * 99, rel=1e-3, abs=1e-3)
+
+
+def test_a_one_row_group_pilot_is_one_thread_and_its_target_uses_every_core(
+        tmp_path: Path) -> None:
+    # 20k rows are one Parquet row group: DuckDB ran text_filter's rows on one thread
+    cfg = load_build(_pilot(tmp_path, None))
+    run_stage(cfg, "ingest", log=lambda s: None)
+    run_stage(cfg, "text_filter", log=lambda s: None)
+    rows = 100 * ROWS  # 17 row groups: as many threads as the cores
+    plan = plan_build(cfg, rows, calibrate=False)
+    row = next(r for r in plan["stages"] if r["stage"] == "text_filter")
+    cores = plan["pilot"]["cores"]
+    expected = row["fixed_seconds"] + row["seconds_per_row"] * row["rows_in"] / min(cores, 17)
+    assert row["wall_seconds"] == pytest.approx(expected, rel=1e-3, abs=1e-3)
+    # on another cluster, cores per node, not row groups, bound the threads
+    wide = plan_build(cfg, rows, Cluster(1, 64, 0, None, None), calibrate=False)
+    row64 = next(r for r in wide["stages"] if r["stage"] == "text_filter")
+    assert row64["wall_seconds"] == pytest.approx(
+        row["fixed_seconds"] + row["seconds_per_row"] * row["rows_in"] / 17, rel=1e-3, abs=1e-3)
