@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -247,6 +248,16 @@ class EvalConfig:
     # dataset = each set's own zeroshot_classification_templates.txt (as CLIP_benchmark; OpenAI's 80
     # ImageNet templates where a set has none) | openai | simple
     templates: str = "dataset"
+
+
+def parse_size(text: str) -> int:
+    """A DuckDB size in bytes: a memory_limit ('4GB', '4GiB', '512MB') or what DuckDB
+    reports of it ('3.7 GiB')."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.I)
+    if not m:
+        raise ValueError(f"cannot read the size {text!r}")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
 @dataclass

@@ -43,7 +43,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import BuildConfig, ConfigError, load_build
-from pipeline.plan_defaults import parse_size
 from pipeline.progress import progress
 from pipeline.sandbox import is_permission_error, open_sandbox
 from pipeline.stage import (
@@ -52,6 +51,7 @@ from pipeline.stage import (
     StageSpec,
     get_spec,
     kept_of,
+    memory_limit_bytes,
     previous_stage,
     stage_dir,
 )
@@ -263,13 +263,13 @@ def row_local(f: Filter) -> bool:
 
 
 def part_ranges(path: Path, filters: list[Filter], columns: list[str],
-                memory_bytes: int) -> list[tuple[int, int]]:
+                memory_bytes: int | None) -> list[tuple[int, int]]:
     """Row ranges [start, end) of ``path`` to load one at a time: one range unless every
     filter is row-local and the columns they read exceed PART_MEMORY_SHARE of
-    ``memory_bytes``."""
+    ``memory_bytes`` (None: no limit)."""
     meta = pq.ParquetFile(path).metadata
     rows = meta.num_rows
-    if not rows or not all(row_local(f) for f in filters):
+    if not rows or memory_bytes is None or not all(row_local(f) for f in filters):
         return [(0, rows)]
     wanted = set(columns)
     data = sum(meta.row_group(g).column(c).total_uncompressed_size
@@ -309,12 +309,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     # matched on row position: native Parquet writing, every input column carried forward,
     # and exactly one outcome per row even if a uid were repeated.
     con = ctx.connect()
-    setting = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
-    try:
-        limit = parse_size(setting)
-    except ValueError:  # no limit DuckDB states in bytes: load the input whole
-        limit = 1 << 62
-    ranges = part_ranges(ctx.input_path, filters, needed, limit)
+    ranges = part_ranges(ctx.input_path, filters, needed, memory_limit_bytes(con))
     steps = progress(total=len(ranges) + 1, unit="step",
                      desc=f"{section}: filter {len(ranges)} part(s), write")
     parts = []

@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline import plan_defaults as D
 from pipeline import plan_keep
-from pipeline.config import BuildConfig, ConfigError, load_build
+from pipeline.config import BuildConfig, ConfigError, load_build, parse_size
 from pipeline.plan_measure import Pilot, StageMeasure, calibrate, read_pilot
 from pipeline.plan_model import (
     Cluster,
@@ -135,18 +135,20 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
         basis = f"default: {D.EMBED_RATE.value:,.0f} samples/s per GPU (ViT-B/32)"
         notes.append("the embed stage runs on one device: its wall time is its GPU-hours")
     else:
-        wall = wf + wv * rows_in / speedup(m, rows_in, cl, timed)
+        faster = speedup(m, rows_in, cl, timed)
+        wall = wf + wv * rows_in / faster
         if m.name == "embed" and pilot.embed_device == "cuda":
             gpu_h = wall / 3600
         if m.name == "robots":
-            wall, cpu_s = robots(m, pilot, rows_in, cl, cpu_total, notes, (wall, cpu_s))
+            wall, cpu_s = robots(m, pilot, rows_in, faster, cpu_total, notes, (wall, cpu_s))
         if m.name == "ingest":
-            wall, cpu_s = ftfy(m, pilot, rows_in, cl, (wf, wv, cf, cv), notes) or (wall, cpu_s)
+            wall, cpu_s = ftfy(m, pilot, rows_in, faster, (wf, wv, cf, cv), notes) or \
+                (wall, cpu_s)
     floors = {"model": wall}
     disk = m.disk_bytes / m.rows_in * rows_in if m.rows_in else 0.0
     temp = m.work_bytes * scale if m.name == "crawl" else 0.0
     if m.name in DUCKDB_STAGES:
-        limit = D.parse_size(pilot.cfg.duckdb.memory_limit)
+        limit = parse_size(pilot.cfg.duckdb.memory_limit)
         spill = m.input_bytes * scale
         if spill > limit:
             temp += spill

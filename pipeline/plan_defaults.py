@@ -88,15 +88,6 @@ def parse_rows(text: str) -> int:
     return int(round(n))
 
 
-def parse_size(text: str) -> int:
-    """DuckDB's memory_limit ('4GB', '4GiB', '512MB') in bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), re.I)
-    if not m:
-        raise ValueError(f"cannot read the size {text!r}")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
-
-
 PRICE_KEYS = {
     "date": "the day these prices were read (required: prices change)",
     "currency": "e.g. USD (shown beside every cost)",

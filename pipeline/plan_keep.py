@@ -67,9 +67,10 @@ def caption_growth(kept_path: Path) -> dict[str, Any] | None:
 
 
 def key_growth(sql_file: str, input_path: Path) -> dict[str, Any] | None:
-    """{rows, keys, exponent}: distinct keys over every row of ``input_path`` (the query in
-    ``sql_file``) and e of keys ~ rows^e, the mean over 8 random halves, clamped to [0, 1]."""
-    sql = (SQL / sql_file).read_text().format(input=input_path)
+    """{rows, keys, exponent}: distinct keys over every row of ``input_path`` (the keys query
+    in ``sql_file``) and e of keys ~ rows^e, the mean over 8 random halves, clamped to [0, 1]."""
+    keys = (SQL / sql_file).read_text().format(input=input_path)
+    sql = (SQL / "plan_growth.sql").read_text().format(keys=keys)
     got = duckdb.connect().execute(sql).fetchall()
     n, k = next(((n, g) for s, n, g in got if s == -1), (0, 0))
     slopes = [math.log(k / kh) / math.log(n / nh) for s, nh, kh in got

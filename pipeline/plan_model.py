@@ -69,9 +69,11 @@ def speedup(m: StageMeasure, rows_in: float, cl: Cluster, timed: int) -> float:
     row group, one thread; its 1M-row target keeps both cores of this machine busy)."""
     if m.name not in DUCKDB_THREADED:
         return cl.cores / m.cores
-    def threads(rows: float, cores: int) -> float:
-        return min(cores, max(1, math.ceil(rows / ROW_GROUP_ROWS)))
-    return threads(rows_in, cl.cores) / threads(timed, m.cores)
+    return _threads(rows_in, cl.cores) / _threads(timed, m.cores)
+
+
+def _threads(rows: float, cores: int) -> int:
+    return min(cores, max(1, math.ceil(rows / ROW_GROUP_ROWS)))
 
 
 def per_key(m: StageMeasure, rows_in: float, fit: tuple[float, ...],
@@ -90,7 +92,7 @@ def per_key(m: StageMeasure, rows_in: float, fit: tuple[float, ...],
     return wall, cf + max(0.0, cv - cpu_s / n) * rows_in + cpu_s / keys * at, at
 
 
-def robots(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, cpu: float,
+def robots(m: StageMeasure, pilot: Pilot, rows_in: float, faster: float, cpu: float,
            notes: list[str], linear: tuple[float, float]) -> tuple[float, float]:
     """robots.txt is fetched once per origin: that part of the stage's time follows the
     origins (origins ~ rows^e, fit on random halves of the pilot's input), the rest the rows."""
@@ -103,16 +105,15 @@ def robots(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, cpu: floa
     share = min(1.0, fetch / m.seconds)
     n = max(m.rows_in, 1)
     wall, cpu_s, origins = per_key(m, rows_in, (0.0, m.seconds / n, 0.0, cpu / n),
-                                   (fetch, cpu * share, fetched), g["exponent"],
-                                   speedup(m, rows_in, cl, n))
+                                   (fetch, cpu * share, fetched), g["exponent"], faster)
     notes.append(f"robots.txt once per origin: {g['keys']:,} in the pilot, ~{origins:,.0f} at "
                  f"this size (origins ~ rows^{g['exponent']:.2f}, fit on random halves of the "
                  f"pilot's input), {fetch / fetched:.3g} s each as in the pilot")
     return wall, cpu_s
 
 
-def ftfy(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, fit: tuple[float, ...],
-         notes: list[str]) -> tuple[float, float] | None:
+def ftfy(m: StageMeasure, pilot: Pilot, rows_in: float, faster: float,
+         fit: tuple[float, ...], notes: list[str]) -> tuple[float, float] | None:
     """ingest's ftfy repair runs once per distinct caption that may need it, in Python on
     one core, and web captions repeat: that part follows the distinct captions (~ rows^e,
     fit on random halves of the pilot's kept rows), the rest of ingest the rows."""
@@ -124,8 +125,7 @@ def ftfy(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, fit: tuple[
     g = plan_keep.caption_growth(pilot.cfg.run_dir / m.folder / "kept.parquet")
     if g is None:
         return None
-    wall, cpu, at = per_key(m, rows_in, fit, (secs, cpu_s or secs, keys), g["exponent"],
-                            speedup(m, rows_in, cl, max(m.rows_in, 1)))
+    wall, cpu, at = per_key(m, rows_in, fit, (secs, cpu_s, keys), g["exponent"], faster)
     notes.append(f"ftfy once per distinct caption: {keys:,} in the pilot ({secs:.3g} s), "
                  f"~{at:,.0f} at this size (~ rows^{g['exponent']:.2f}, fit on random halves "
                  "of the pilot's kept rows)")

@@ -27,7 +27,7 @@ from typing import Any
 
 import duckdb
 
-from pipeline.config import RUN_ONLY_SETTINGS, BuildConfig
+from pipeline.config import RUN_ONLY_SETTINGS, BuildConfig, parse_size
 
 # (old report, today's stage_inputs, upstream spec) -> what changed, in words
 Explain = Callable[[dict[str, Any], dict[str, Any], "StageSpec | None"], list[str]]
@@ -115,6 +115,15 @@ def connect(cfg: BuildConfig, database: str = ":memory:") -> duckdb.DuckDBPyConn
     # writes a line per update (191 lines in one 10M-row run) between the stage summaries
     con.execute("SET enable_progress_bar = false")
     return con
+
+
+def memory_limit_bytes(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The connection's memory limit in bytes, as DuckDB resolved it ('80%' too); None when
+    it states none in bytes."""
+    try:
+        return parse_size(con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0])
+    except ValueError:
+        return None
 
 
 @dataclass

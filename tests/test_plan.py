@@ -16,11 +16,11 @@ import pytest
 
 from bench.bench_plan import demo_web_build, run_build
 from pipeline import plan
-from pipeline.config import load_build
+from pipeline.config import load_build, parse_size
 from pipeline.demoweb.manifests import write_manifests
 from pipeline.demoweb.pool import assemble_pool
 from pipeline.demoweb.server import DemoWeb
-from pipeline.plan_defaults import load_prices, parse_rows, parse_size
+from pipeline.plan_defaults import load_prices, parse_rows
 from pipeline.plan_measure import read_pilot
 
 CRAWL = ("crawl: {{timeout: 2, processes_count: 1, thread_count: 8, number_sample_per_shard: "
