@@ -10,17 +10,25 @@ Survivor: in each group of duplicates the row with the shortest URL, then the sm
 uid, is kept; every other row is dropped with reason ``duplicate_url_caption`` and the
 survivor's uid in ``detail``. Kept rows keep their original URL (the crawl fetches what
 the manifest said) and every input column.
+
+Steps (``dedup/sql/url_*.sql``): a 64-bit hash per row, streamed to Parquet; the rows whose
+hash repeats (the candidates) written once with their strings, split by hash into parts
+that each fit half of ``duckdb.memory_limit``; then the exact (canonical url, caption)
+comparison one part at a time, so a hash collision never drops a pair and the strings of
+100M rows' candidates never spill. The report says ``candidates`` and ``compare_parts``.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
+from pipeline import parts
 from pipeline.progress import progress
-from pipeline.stage import StageContext, StageError
+from pipeline.stage import StageContext, StageError, memory_limit_bytes
 
 SQL_DIR = Path(__file__).parent / "sql"
 REASON = "duplicate_url_caption"
@@ -51,21 +59,41 @@ def canonical_urls(con: duckdb.DuckDBPyConnection, urls: list[str],
         [urls]).fetchall()]
 
 
+def candidate_parts(ctx: StageContext, con: duckdb.DuckDBPyConnection, candidates: int) -> int:
+    """In how many hash parts the exact comparison of ``candidates`` rows fits the memory
+    limit: each row holds its uid, url (as canonical url) and caption twice over, once in
+    the aggregate and once in the join back to it."""
+    per_row = 2 * parts.bytes_per_row(ctx.input_path, ["uid", "url", "caption"])
+    return parts.part_count(candidates, per_row, memory_limit_bytes(con))
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     if ctx.input_path is None:
         raise StageError("url_dedup needs an upstream stage")
     con = ctx.connect()
     steps = progress(total=3, desc="url_dedup: key, compare, write", unit="step")
     source = f"read_parquet({_str(str(ctx.input_path))}, file_row_number = true)"
-    keys = ctx.out_dir / "_url_keys.parquet"  # removed below: the stage folder holds outputs
-    script = (SQL_DIR / "url_dedup.sql").read_text().format(
-        canonical=canonical_sql(source, ctx.cfg.url_dedup.strip_params),
-        input=_str(str(ctx.input_path)), keys=_str(str(keys)))
+    # scratch files in the stage's temporary folder, removed below: it holds the outputs
+    keys, cand_dir = ctx.out_dir / "_url_keys.parquet", ctx.out_dir / "_url_candidates"
+    script = (SQL_DIR / "url_keys.sql").read_text().format(
+        canonical=canonical_sql(source, ctx.cfg.url_dedup.strip_params), keys=_str(str(keys)))
+    con.execute("CREATE OR REPLACE TEMP TABLE url_dups (rn BIGINT, uid VARCHAR, keeper VARCHAR)")
     try:
         con.execute(script)
+        candidates = int(con.execute("SELECT coalesce(sum(n), 0) FROM url_repeated"
+                                     ).fetchall()[0][0])
+        n_parts = candidate_parts(ctx, con, candidates)
+        steps.update()
+        if candidates:
+            con.execute((SQL_DIR / "url_candidates.sql").read_text().format(
+                input=_str(str(ctx.input_path)), candidates=_str(str(cand_dir)), parts=n_parts))
+            glob = _str(str(cand_dir / "*" / "*.parquet"))
+            compare = (SQL_DIR / "url_compare.sql").read_text()
+            for part in range(n_parts):
+                con.execute(compare.format(candidates=glob, part=part))
     except duckdb.Error as e:
         raise StageError(f"url_dedup on {ctx.input_path}: {str(e).splitlines()[0]}") from e
-    steps.update(2)
+    steps.update()
     con.execute(f"COPY (SELECT uid, {_str(ctx.spec.name)} AS stage, '{REASON}' AS reason, "
                 f"keeper AS detail FROM url_dups) TO '{ctx.dropped_path}' (FORMAT parquet)")
     con.execute(f"COPY (SELECT * EXCLUDE (file_row_number) FROM {source} "
@@ -74,5 +102,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     steps.update()
     steps.close()
     keys.unlink()
+    shutil.rmtree(cand_dir, ignore_errors=True)
     groups = con.execute("SELECT count(DISTINCT keeper) FROM url_dups").fetchall()[0][0]
-    return {"duplicate_groups": groups}
+    return {"duplicate_groups": groups, "candidates": candidates, "compare_parts": n_parts}

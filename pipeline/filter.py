@@ -42,6 +42,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import parts
 from pipeline.config import BuildConfig, ConfigError, load_build
 from pipeline.progress import progress
 from pipeline.sandbox import is_permission_error, open_sandbox
@@ -66,13 +67,6 @@ _QUERY_START = re.compile(r"^(select|with|from)\b", re.IGNORECASE)
 _LEADING_COMMENTS = re.compile(r"^(?:\s+|--[^\n]*|/\*.*?\*/)*", re.DOTALL)
 # Words by which a condition reaches beyond its own row (a subquery, a window).
 _BEYOND_ROW = re.compile(r"\b(select|from|over|pairs)\b", re.IGNORECASE)
-# A part of a split input holds at least this many rows (the fixed cost per part is ~10 ms).
-MIN_PART_ROWS = 1_000_000
-# A part's columns take at most this share of the memory limit: the filters' work and the
-# process itself need the rest.
-PART_MEMORY_SHARE = 0.5
-# DuckDB's in-memory row: a 16-byte string header per text column and the 8-byte _row.
-ROW_OVERHEAD_BYTES = 24
 
 
 @dataclass(frozen=True)
@@ -265,18 +259,12 @@ def row_local(f: Filter) -> bool:
 def part_ranges(path: Path, filters: list[Filter], columns: list[str],
                 memory_bytes: int | None) -> list[tuple[int, int]]:
     """Row ranges [start, end) of ``path`` to load one at a time: one range unless every
-    filter is row-local and the columns they read exceed PART_MEMORY_SHARE of
+    filter is row-local and the columns they read exceed ``parts.PART_MEMORY_SHARE`` of
     ``memory_bytes`` (None: no limit)."""
-    meta = pq.ParquetFile(path).metadata
-    rows = meta.num_rows
-    if not rows or memory_bytes is None or not all(row_local(f) for f in filters):
+    rows = pq.ParquetFile(path).metadata.num_rows
+    step = parts.rows_per_part(parts.bytes_per_row(path, columns), memory_bytes)
+    if not rows or step is None or not all(row_local(f) for f in filters):
         return [(0, rows)]
-    wanted = set(columns)
-    data = sum(meta.row_group(g).column(c).total_uncompressed_size
-               for g in range(meta.num_row_groups) for c in range(meta.num_columns)
-               if meta.row_group(g).column(c).path_in_schema in wanted)
-    per_row = data / rows + ROW_OVERHEAD_BYTES * max(len(columns), 1)
-    step = max(MIN_PART_ROWS, int(memory_bytes * PART_MEMORY_SHARE / per_row))
     return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
@@ -312,16 +300,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ranges = part_ranges(ctx.input_path, filters, needed, memory_limit_bytes(con))
     steps = progress(total=len(ranges) + 1, unit="step",
                      desc=f"{section}: filter {len(ranges)} part(s), write")
-    parts = []
+    dropped_parts = []
     for rows in ranges:
         sandbox = open_sandbox(ctx.cfg, {"pairs": ctx.input_path},
                                variables_of(ctx.cfg, section), columns={"pairs": needed},
                                rows=rows)
-        parts.append(apply_filters(sandbox, filters, section).select(["_row", "reason",
-                                                                       "detail"]))
+        dropped = apply_filters(sandbox, filters, section)
+        dropped_parts.append(dropped.select(["_row", "reason", "detail"]))
         sandbox.close()
         steps.update()
-    dropped = pa.concat_tables(parts)
+    dropped = pa.concat_tables(dropped_parts)
     con.register("dropped_rows", dropped)
     source = f"read_parquet('{ctx.input_path}', file_row_number = true)"
     con.execute(f"COPY (SELECT i.uid::VARCHAR AS uid, '{section}' AS stage, d.reason, d.detail "

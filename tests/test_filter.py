@@ -304,8 +304,8 @@ def _split_build(tmp_path: Path, filters: str) -> Path:
 def test_row_local_filters_run_in_parts_with_the_whole_input_answer(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # parts of ~400 KB (1e-4 of the 4 GB default memory limit) instead of 2 GB
-    monkeypatch.setattr("pipeline.filter.MIN_PART_ROWS", 1_000)
-    monkeypatch.setattr("pipeline.filter.PART_MEMORY_SHARE", 1e-4)
+    monkeypatch.setattr("pipeline.parts.MIN_PART_ROWS", 1_000)
+    monkeypatch.setattr("pipeline.parts.PART_MEMORY_SHARE", 1e-4)
     (tmp_path / "no_cats.sql").write_text("NOT contains(caption, 'cat')")
     cfg = load_build(_split_build(tmp_path, "caption_length, junk_caption, no_cats.sql"))
     run_stage(cfg, "ingest", log=lambda s: None)
@@ -324,8 +324,8 @@ def test_row_local_filters_run_in_parts_with_the_whole_input_answer(
 def test_a_condition_over_other_rows_sees_the_whole_input(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # parts of ~400 KB (1e-4 of the 4 GB default memory limit) instead of 2 GB
-    monkeypatch.setattr("pipeline.filter.MIN_PART_ROWS", 1_000)
-    monkeypatch.setattr("pipeline.filter.PART_MEMORY_SHARE", 1e-4)
+    monkeypatch.setattr("pipeline.parts.MIN_PART_ROWS", 1_000)
+    monkeypatch.setattr("pipeline.parts.PART_MEMORY_SHARE", 1e-4)
     # drops the longest caption(s) of the input; split in parts it would drop each part's
     (tmp_path / "not_longest.sql").write_text(
         "length(caption) < (SELECT max(length(caption)) FROM pairs)")

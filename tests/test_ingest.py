@@ -204,7 +204,7 @@ def test_stage_fingerprint_covers_imported_code_and_named_sql() -> None:
             "pipeline/stage.py"} <= files
     assert not any(f.endswith("balance_match.sql") for f in files)  # not named by ingest
     url = {p.name for p in code_files("dedup.url")}
-    assert {"url_canonical.sql", "url_dedup.sql"} <= url
+    assert {"url_canonical.sql", "url_keys.sql", "url_candidates.sql", "url_compare.sql"} <= url
 
 
 def test_a_pair_is_never_an_exact_repeat_of_a_dropped_row(tmp_path: Path) -> None:

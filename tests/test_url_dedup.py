@@ -3,6 +3,7 @@ real ingest and text filter run; conservation across ingest → text_filter → 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import duckdb
@@ -113,3 +114,30 @@ def test_conservation_across_ingest_filter_and_dedup(tmp_path: Path) -> None:
     assert dedup.rows_in == dedup.kept + dedup.dropped == 200
     # i mod 7 (host), i mod 13 (path), i mod 5 (caption): the distinct (url, caption) pairs
     assert dedup.kept == len({(i % 7, i % 13, i % 5) for i in range(200)})
+
+
+def _ledger(cfg: object) -> list[tuple]:
+    folder = stage_dir(cfg, get_spec("url_dedup"))
+    return duckdb.sql(f"SELECT uid, reason, detail FROM '{folder / 'dropped.parquet'}' "
+                      "ORDER BY uid").fetchall()
+
+
+def test_the_exact_comparison_in_hash_parts_gives_the_one_part_answer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [(f"http://h{i % 3}.org/{i % 4}.jpg?utm_source={i}", f"picture number {i % 5} here")
+            for i in range(300)]  # 60 distinct pairs
+    (tmp_path / "one").mkdir()
+    whole = _run(tmp_path / "one", rows)
+    # parts of 10 candidates instead of half the 4 GB default memory limit
+    monkeypatch.setattr("pipeline.parts.MIN_PART_ROWS", 10)
+    monkeypatch.setattr("pipeline.parts.PART_MEMORY_SHARE", 1e-9)
+    (tmp_path / "split").mkdir()
+    split = _run(tmp_path / "split", rows)
+    one_report, split_report = (
+        json.loads((stage_dir(c, get_spec("url_dedup")) / "report.json").read_text())
+        for c in (whole, split))
+    assert one_report["compare_parts"] == 1
+    assert split_report["candidates"] == 300 and split_report["compare_parts"] == 30
+    assert _ledger(split) == _ledger(whole) and len(_ledger(whole)) == 300 - 60
+    assert not any(p.name.startswith("_url") for p in stage_dir(split, get_spec("url_dedup"))
+                   .iterdir())
