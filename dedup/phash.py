@@ -38,7 +38,7 @@ from pipeline.progress import progress
 
 HASH_SIZE = 8
 # Starting worker processes costs ~1-3 s (imports); below this much work one process is faster.
-_MIN_PARALLEL_BYTES = 16 * 1024 * 1024
+MIN_PARALLEL_BYTES = 16 * 1024 * 1024
 IMG_SIZE = HASH_SIZE * 4
 
 
@@ -156,11 +156,21 @@ def _task(args: tuple[str, str, str]) -> tuple[str, int]:
     return tar, len(rows)
 
 
+def pool_size(todo_bytes: int, tars: int, workers: int) -> int:
+    """How many processes hash ``tars`` tars of ``todo_bytes`` bytes: 1 (this one) for a
+    single tar or less than MIN_PARALLEL_BYTES of them, else a pool of up to ``workers``."""
+    if workers <= 1 or tars <= 1 or todo_bytes < MIN_PARALLEL_BYTES:
+        return 1
+    return min(workers, tars)
+
+
 def hash_tars(tars: Sequence[str], cache_dir: Path, workers: int = 2,
-              desc: str = "pHash", decode: str = "exact") -> list[Path]:
+              desc: str = "pHash", decode: str = "exact",
+              stats: dict | None = None) -> list[Path]:
     """pHash every image member of each tar (in parallel, cached by path+size+mtime+decode).
 
     Returns the cache Parquet files (columns tar, key, phash UBIGINT, error), one per tar.
+    ``stats`` (if given) gets the bytes of the tars hashed now and the processes that did it.
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     tars = sorted(set(tars))
@@ -171,8 +181,11 @@ def hash_tars(tars: Sequence[str], cache_dir: Path, workers: int = 2,
     if todo:
         bar = progress(total=len(todo), desc=desc, unit="tar", leave=False)
         images = 0
-        small = sum(os.path.getsize(t) for t, _, _ in todo) < _MIN_PARALLEL_BYTES
-        if workers <= 1 or len(todo) == 1 or small:
+        todo_bytes = sum(os.path.getsize(t) for t, _, _ in todo)
+        processes = pool_size(todo_bytes, len(todo), workers)
+        if stats is not None:
+            stats.update(bytes=todo_bytes, processes=processes)
+        if processes == 1:
             results: Iterable[tuple[str, int]] = map(_task, todo)
             for _, n in results:
                 images += n
@@ -180,7 +193,7 @@ def hash_tars(tars: Sequence[str], cache_dir: Path, workers: int = 2,
                 bar.update(1)
         else:
             # spawn: the parent may hold a DuckDB connection with threads; forking that is unsafe
-            with mp.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+            with mp.get_context("spawn").Pool(processes) as pool:
                 for _, n in pool.imap_unordered(_task, todo):
                     images += n
                     bar.set_postfix(images=images)
@@ -210,7 +223,8 @@ def attach_phash(con: duckdb.DuckDBPyConnection, run_dir: Path, cache_dir: Path,
     missing = [a for a in mapping.values() if not os.path.isfile(a)]
     if missing:
         raise ValueError(f"crawl tar not found: {missing[0]} ({len(missing)} missing)")
-    files = hash_tars(list(mapping.values()), cache_dir, workers, decode=decode)
+    hashed = {"bytes": 0, "processes": 0}  # all cached: nothing hashed now
+    files = hash_tars(list(mapping.values()), cache_dir, workers, decode=decode, stats=hashed)
     con.execute("CREATE OR REPLACE TEMP TABLE tarmap (tar VARCHAR, abs VARCHAR)")
     if mapping:
         con.executemany("INSERT INTO tarmap VALUES (?, ?)", list(mapping.items()))
@@ -224,4 +238,5 @@ def attach_phash(con: duckdb.DuckDBPyConnection, run_dir: Path, cache_dir: Path,
         sql = sql.replace("s.tar", f"s.{tar_col}").replace("s.key", f"s.{key_col}")
     con.execute(sql)
     images = con.execute("SELECT count(*) FROM phash_cache").fetchall()[0][0]
-    return {"tars": len(files), "images_hashed": images}
+    return {"tars": len(files), "images_hashed": images, "phash_bytes": hashed["bytes"],
+            "phash_processes": hashed["processes"]}

@@ -32,8 +32,9 @@ from pipeline.plan_model import (
     Cluster,
     cost,
     crawl_floors,
+    crawl_time,
     ftfy,
-    makespan,
+    phash_pool,
     robots,
     sig,
     speedup,
@@ -121,11 +122,9 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
     basis = f"measured: {m.rows_in:,}-row pilot on {m.cores} cores"
     if m.name == "crawl" and pilot.crawl:
         cr = pilot.crawl
-        slots_p = cr.processes
         per_node = max(1, round(cr.processes * cl.cores / m.cores))
-        busiest = (makespan(rows_in, cr.per_shard, per_node * cl.nodes)
-                   / makespan(timed, cr.per_shard, slots_p))
-        wall = wf + (m.seconds - wf) * busiest
+        wall, cpu_s = crawl_time(m, cr, rows_in, timed, cl, per_node, (wf, wv, cf, cv),
+                                 cpu_total, notes)
         basis += (f"; img2dataset {per_node} processes x {cr.threads} threads per node "
                   "(one per core, as its README advises)")
     elif m.name == "embed" and cl.gpus > 0 and pilot.embed_device != "cuda":
@@ -143,6 +142,9 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
             wall, cpu_s = robots(m, pilot, rows_in, faster, cpu_total, notes, (wall, cpu_s))
         if m.name == "ingest":
             wall, cpu_s = ftfy(m, pilot, rows_in, faster, (wf, wv, cf, cv), notes) or \
+                (wall, cpu_s)
+        if m.name == "image_dedup":
+            wall, cpu_s = phash_pool(m, pilot, rows_in, cl, faster, (wf, wv, cf, cv), notes) or \
                 (wall, cpu_s)
     floors = {"model": wall}
     disk = m.disk_bytes / m.rows_in * rows_in if m.rows_in else 0.0

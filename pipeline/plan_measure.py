@@ -20,7 +20,11 @@ import dataclasses
 import io
 import json
 import os
+import resource
 import shutil
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +58,10 @@ NOT_CALIBRATED = {
     "semantic_dedup": "reads the embed stage's folder",
 }
 SAMPLE_ROWS = 1000
+# Stages that start a pool of spawned processes, and the module each process imports:
+# img2dataset's download processes (at the first shard and again every 5 shards, its
+# maxtasksperchild), image_dedup's pHash pool (only for 16 MiB of tars or more).
+WORKER_MODULES = {"crawl": "img2dataset.downloader", "image_dedup": "dedup.phash"}
 REFUSED_URL = "http://127.0.0.1:9/witforge-plan-calibration.jpg"  # discard port: refused
 
 
@@ -83,6 +91,7 @@ class CrawlFacts:
     samples: int
     successes: int
     shard_seconds: float  # the sum of img2dataset's shard durations
+    shard_span_seconds: float  # first shard start to last shard end, summed over attempts
     mean_request_s: float | None  # shard seconds x threads / samples (an upper bound)
     stored_bytes_per_image: float | None
     hosts: list[tuple[str, int]]  # the busiest hosts of the input, rows each
@@ -161,14 +170,19 @@ def crawl_facts(cfg: BuildConfig) -> CrawlFacts:
     spec = _spec(cfg, "crawl")
     folder = stage_dir(cfg, spec)
     shards = samples = successes = 0
-    shard_seconds = 0.0
+    shard_seconds = span = 0.0
     for a in attempts(folder.with_name(folder.name + ".work")):
+        starts, ends = [], []
         for p in a.stats_files():
             s = json.loads(p.read_text())
             shards += 1
             samples += int(s["count"])
             successes += int(s["successes"])
-            shard_seconds += max(0.0, float(s["end_time"]) - float(s["start_time"]))
+            starts.append(float(s["start_time"]))
+            ends.append(float(s["end_time"]))
+            shard_seconds += max(0.0, ends[-1] - starts[-1])
+        if starts:
+            span += max(0.0, max(ends) - min(starts))
     c = cfg.crawl
     con = duckdb.connect()
     stored = con.execute(f"SELECT avg(bytes) FROM read_parquet('{folder / 'kept.parquet'}') "
@@ -183,6 +197,7 @@ def crawl_facts(cfg: BuildConfig) -> CrawlFacts:
     return CrawlFacts(
         processes=c.processes_count, threads=c.thread_count, per_shard=c.number_sample_per_shard,
         shards=shards, samples=samples, successes=successes, shard_seconds=shard_seconds,
+        shard_span_seconds=span,
         mean_request_s=shard_seconds * c.thread_count / samples if samples else None,
         stored_bytes_per_image=float(stored) if stored is not None else None,
         hosts=hosts[:20], host_count=len(hosts), crawl_delays=crawl_delays(cfg), loopback=loop)
@@ -256,8 +271,23 @@ def _run_sample(cfg: BuildConfig, m: StageMeasure, how: str, root: Path) -> dict
         (dst / "_SUCCESS").write_text("")
     with contextlib.redirect_stderr(io.StringIO()):  # the sample run's progress bars
         r = run_stage(scfg, m.name, force=True, log=lambda s: None)
-    return {"how": how, "rows": int(r["rows_in"]), "seconds": float(r["seconds"]),
-            "cpu_seconds": r.get("cpu_seconds")}
+    out = {"how": how, "rows": int(r["rows_in"]), "seconds": float(r["seconds"]),
+           "cpu_seconds": r.get("cpu_seconds")}
+    if m.name in WORKER_MODULES:
+        out.update(worker_start(WORKER_MODULES[m.name]))
+    return out
+
+
+def worker_start(module: str) -> dict[str, float]:
+    """What starting one worker process of a stage's pool costs here: a fresh interpreter
+    that imports the module its tasks live in, as each spawned pool process does."""
+    before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True,
+                   capture_output=True, cwd=Path(__file__).resolve().parents[1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"worker_start_seconds": round(time.monotonic() - t, 3),
+            "worker_start_cpu_seconds": round(cpu, 3)}
 
 
 def _short_sources(cfg: BuildConfig, out: Path, n: int, con: duckdb.DuckDBPyConnection) -> list:

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline import plan_defaults as D
 from pipeline import plan_keep
-from pipeline.plan_measure import Pilot, StageMeasure
+from pipeline.plan_measure import CrawlFacts, Pilot, StageMeasure
 
 
 def sig(x: float, digits: int = 6) -> float:
@@ -53,6 +53,56 @@ def makespan(rows: float, per_shard: int, slots: int) -> float:
         i = min(range(slots), key=free.__getitem__)
         free[i] += size
     return max(max(free), 1.0)
+
+
+# img2dataset's multiprocessing distributor replaces each download process after 5 shards
+# (Pool(maxtasksperchild=5) in img2dataset/distributor.py): each new process imports it again.
+SHARDS_PER_PROCESS_LIFE = 5
+
+
+def process_lives(shards: float, processes: int) -> tuple[int, int]:
+    """(all, the busiest process's) img2dataset download processes started for ``shards``
+    shards on ``processes`` processes: each starts at its first shard, lives 5 shards."""
+    shards = max(1, math.ceil(shards))
+    used = max(1, min(processes, shards))
+    per = math.ceil(per_process(shards, used) / SHARDS_PER_PROCESS_LIFE)
+    return used * per, per
+
+
+def per_process(shards: int, processes: int) -> int:
+    return math.ceil(shards / max(processes, 1))
+
+
+def crawl_time(m: StageMeasure, cr: CrawlFacts, rows_in: float, timed: int, cl: Cluster,
+               per_node: int, fit: tuple[float, ...], cpu_total: float,
+               notes: list[str]) -> tuple[float, float]:
+    """(wall, cpu) of the crawl. Wall: the pilot's shards, from the first start to the last
+    end in img2dataset's stats, grow with the busiest process's rows (``makespan``); the rest
+    of the pilot's time (start-up, merging) is fixed. CPU: each download process imports
+    img2dataset once per life (measured by the calibration); the rest is fixed or per row."""
+    wf, wv, cf, cv = fit
+    cal = m.calibration or {}
+    busiest = (makespan(rows_in, cr.per_shard, per_node * cl.nodes)
+               / makespan(timed, cr.per_shard, cr.processes))
+    start_cpu, start_s = cal.get("worker_start_cpu_seconds"), cal.get("worker_start_seconds")
+    if start_cpu is None or start_s is None:
+        return wf + (m.seconds - wf) * busiest, cf + cv * rows_in
+    shards_t = rows_in / max(cr.per_shard, 1) / cl.nodes  # per node
+    lives_p, busy_p = process_lives(cr.shards or 1, cr.processes)
+    lives_t, busy_t = process_lives(shards_t, per_node)
+    span = cr.shard_span_seconds
+    if 0 < span < m.seconds:
+        work = max(0.0, span - (busy_p - 1) * start_s)  # the pilot's own restarts aside
+        wall = m.seconds - span + work * busiest + (busy_t - 1) * start_s
+    else:
+        wall = wf + (m.seconds - wf) * busiest + (busy_t - busy_p) * start_s
+    fixed = max(0.0, cf - start_cpu)  # the calibration's one row started one process
+    per_row = max(0.0, cpu_total - fixed - lives_p * start_cpu) / max(timed, 1)
+    cpu = fixed + lives_t * cl.nodes * start_cpu + per_row * rows_in
+    notes.append(f"img2dataset starts {lives_t * cl.nodes:,} download processes at this size "
+                 f"(one per {SHARDS_PER_PROCESS_LIFE} shards of each, its maxtasksperchild; "
+                 f"{lives_p} in the pilot), {start_cpu:.2f} CPU-s each as measured here")
+    return wall, cpu
 
 
 # DuckDB splits a scan among its threads by row group (122,880 rows by default, and in every
@@ -133,6 +183,38 @@ def ftfy(m: StageMeasure, pilot: Pilot, rows_in: float, faster: float,
     notes.append(f"ftfy once per distinct caption: {keys:,} in the pilot ({secs:.3g} s), "
                  f"~{at:,.0f} at this size (~ rows^{g['exponent']:.2f}, fit on random halves "
                  "of the pilot's kept rows)")
+    return wall, cpu
+
+
+def phash_pool(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, faster: float,
+               fit: tuple[float, ...], notes: list[str]) -> tuple[float, float] | None:
+    """image_dedup hashes a pilot's few tars in its own process, but 16 MiB of tars or more
+    in a pool of image_dedup.workers spawned processes: when the target crosses that line,
+    its pHash part (the pilot's phash_seconds, per image) runs on the pool, which costs
+    each process's start-up (measured by the calibration); the rest follows the rows."""
+    from dedup.phash import pool_size
+
+    r, cal = m.report, m.calibration or {}
+    secs, start_cpu = r.get("phash_seconds"), cal.get("worker_start_cpu_seconds")
+    if not secs or r.get("phash_processes") != 1 or start_cpu is None or not m.rows_in:
+        return None
+    scale = rows_in / m.rows_in
+    workers = pilot.cfg.image_dedup.workers
+    procs = pool_size(int(r.get("phash_bytes", 0) * scale),
+                      math.ceil(r.get("tars", 1) * scale), workers)
+    if procs == 1:
+        return None
+    wf, wv, cf, cv = fit
+    n = m.rows_in
+    share = min(secs / n, wv)  # pHash seconds per row, one process
+    wall = (wf + (wv - share) * rows_in / faster + share * rows_in / min(procs, cl.cores)
+            + cal.get("worker_start_seconds", 0.0))
+    cpu = cf + max(0.0, cv - share) * rows_in + share * rows_in + procs * start_cpu
+    notes.append(f"pHash on a pool of {procs} processes at this size (the pilot's "
+                 f"{r.get('phash_bytes', 0) / 2**20:.1f} MiB of tars took one; the pool starts "
+                 "at 16 MiB), each starting in "
+                 f"{start_cpu:.2f} CPU-s as measured here; raise image_dedup.workers on a "
+                 "bigger node")
     return wall, cpu
 
 

@@ -22,6 +22,8 @@ from pipeline.demoweb.pool import assemble_pool
 from pipeline.demoweb.server import DemoWeb
 from pipeline.plan_defaults import load_prices, parse_rows
 from pipeline.plan_measure import read_pilot
+from pipeline.plan_model import process_lives
+from pipeline.stage import get_spec, stage_dir
 
 CRAWL = ("crawl: {{timeout: 2, processes_count: 1, thread_count: 8, number_sample_per_shard: "
          "40, image_size: 48, robots: false, guard: true, request_deadline: 2, "
@@ -250,3 +252,34 @@ def test_parsers():
             parse_rows(bad)
     assert parse_size("4GB") == 4 * 10**9 and parse_size("4GiB") == 4 * 2**30
     assert Path(plan.__file__).name == "plan.py"
+
+
+def test_process_lives_follow_img2datasets_five_shards_per_process() -> None:
+    assert process_lives(1, 16) == (1, 1)  # one shard starts one process
+    assert process_lives(3, 2) == (2, 1)
+    assert process_lives(12, 2) == (4, 2)  # 6 shards each: a second life after 5
+    assert process_lives(100, 16) == (32, 2)
+
+
+def test_pool_starts_are_counted_where_the_target_starts_more_processes(runs):
+    """The pilot's img2dataset started its one process once and hashed its few tars in the
+    stage's own process; at 4M rows img2dataset starts a process per 5 shards, and pHash
+    runs on a pool of image_dedup.workers spawned processes. Each start is the calibration's
+    measured import, added once per process to the CPU time."""
+    cores = runs["plan"]["pilot"]["cores"]
+    p = _again(runs, 4_000_000, plan.Cluster(1, cores, 0, None, None))
+    rows = {r["stage"]: r for r in p["stages"]}
+    crawl, dedup = rows["crawl"], rows["image_dedup"]
+    assert crawl["calibration"]["worker_start_cpu_seconds"] > 0.5  # importing img2dataset
+    lives, _ = process_lives(crawl["rows_in"] / 40, 1)  # processes_count 1, 40-row shards
+    assert any(f"img2dataset starts {lives:,} download processes" in n for n in crawl["notes"])
+    pilot_dedup = json.loads((stage_dir(runs["cfg"], get_spec("image_dedup")) / "report.json")
+                             .read_text())
+    assert pilot_dedup["phash_processes"] == 1 and 0 < pilot_dedup["phash_bytes"] < 16 << 20
+    start = dedup["calibration"]["worker_start_cpu_seconds"]
+    workers = runs["cfg"].image_dedup.workers
+    assert any(f"pHash on a pool of {workers} processes" in n for n in dedup["notes"])
+    linear = dedup["cpu_fixed_seconds"] + dedup["cpu_seconds_per_row"] * dedup["rows_in"]
+    # (cpu_seconds_per_row is rounded to 1e-9 s: 0.004 s over 4M rows)
+    assert dedup["cpu_seconds"] == pytest.approx(linear + workers * start, abs=0.01)
+    assert workers * start > 0.1
