@@ -12,10 +12,11 @@ survivor's uid in ``detail``. Kept rows keep their original URL (the crawl fetch
 the manifest said) and every input column.
 
 Steps (``dedup/sql/url_*.sql``): a 64-bit hash per row, streamed to Parquet; the rows whose
-hash repeats (the candidates) written once with their strings, split by hash into parts
-that each fit half of ``duckdb.memory_limit``; then the exact (canonical url, caption)
-comparison one part at a time, so a hash collision never drops a pair and the strings of
-100M rows' candidates never spill. The report says ``candidates`` and ``compare_parts``.
+hash repeats (the candidates) with their strings; then the exact (canonical url, caption)
+comparison, so a hash collision never drops a pair. When the candidates' strings would not
+fit half of ``duckdb.memory_limit`` they are written once to Parquet, split by hash into
+parts that do, and compared one part at a time: the strings of 100M rows' candidates never
+spill. The report says ``candidates`` and ``compare_parts``.
 """
 
 from __future__ import annotations
@@ -84,13 +85,19 @@ def run(ctx: StageContext) -> dict[str, Any]:
                                      ).fetchall()[0][0])
         n_parts = candidate_parts(ctx, con, candidates)
         steps.update()
-        if candidates:
-            con.execute((SQL_DIR / "url_candidates.sql").read_text().format(
-                input=_str(str(ctx.input_path)), candidates=_str(str(cand_dir)), parts=n_parts))
-            glob = _str(str(cand_dir / "*" / "*.parquet"))
-            compare = (SQL_DIR / "url_compare.sql").read_text()
+        select = (SQL_DIR / "url_candidates.sql").read_text().format(
+            input=_str(str(ctx.input_path)), parts=n_parts)
+        compare = (SQL_DIR / "url_compare.sql").read_text()
+        if candidates and n_parts == 1:  # fits: no need to write the strings out first
+            con.execute(compare.format(candidates=select))
+        elif candidates:
+            con.execute(f"COPY ({select}) TO {_str(str(cand_dir))} "
+                        "(FORMAT parquet, PARTITION_BY (part))")
+            files = _str(str(cand_dir / "*" / "*.parquet"))
             for part in range(n_parts):
-                con.execute(compare.format(candidates=glob, part=part))
+                con.execute(compare.format(candidates=(
+                    f"SELECT * EXCLUDE (part) FROM read_parquet({files}, "
+                    f"hive_partitioning = true) WHERE part = {part}")))
     except duckdb.Error as e:
         raise StageError(f"url_dedup on {ctx.input_path}: {str(e).splitlines()[0]}") from e
     steps.update()

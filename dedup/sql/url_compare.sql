@@ -2,12 +2,11 @@
 -- so a hash collision can never drop a pair. The survivor of a group is the row with the
 -- shortest URL (usually the one without tracking junk), then the smallest uid: a rule that
 -- depends on nothing but the rows themselves, not on their order or partitioning.
--- Placeholders: candidates = a glob of the files step 2 wrote, part = this part's number.
+-- Placeholder: candidates = a query of the part's candidates (step 2's query itself when
+-- there is one part, else the part's file).
 INSERT INTO url_dups
 WITH cand AS (
-    SELECT rn, uid, url_len, canon, caption
-    FROM read_parquet({candidates}, hive_partitioning = true)
-    WHERE part = {part}
+    {candidates}
 ), keepers AS (
     -- one aggregate per group, not a window over every candidate: the window's sort of
     -- 1.7M candidates on (canon, caption) cost 4x this hash aggregate at 10M rows
