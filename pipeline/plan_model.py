@@ -65,12 +65,8 @@ def process_lives(shards: float, processes: int) -> tuple[int, int]:
     shards on ``processes`` processes: each starts at its first shard, lives 5 shards."""
     shards = max(1, math.ceil(shards))
     used = max(1, min(processes, shards))
-    per = math.ceil(per_process(shards, used) / SHARDS_PER_PROCESS_LIFE)
+    per = math.ceil(math.ceil(shards / used) / SHARDS_PER_PROCESS_LIFE)
     return used * per, per
-
-
-def per_process(shards: int, processes: int) -> int:
-    return math.ceil(shards / max(processes, 1))
 
 
 def crawl_time(m: StageMeasure, cr: CrawlFacts, rows_in: float, timed: int, cl: Cluster,
