@@ -156,21 +156,25 @@ def _task(args: tuple[str, str, str]) -> tuple[str, int]:
     return tar, len(rows)
 
 
-def pool_size(todo_bytes: int, tars: int, workers: int) -> int:
+def pool_size(todo_bytes: int, tars: int, workers: int,
+              min_parallel_bytes: int = MIN_PARALLEL_BYTES) -> int:
     """How many processes hash ``tars`` tars of ``todo_bytes`` bytes: 1 (this one) for a
-    single tar or less than MIN_PARALLEL_BYTES of them, else a pool of up to ``workers``."""
-    if workers <= 1 or tars <= 1 or todo_bytes < MIN_PARALLEL_BYTES:
+    single tar or less than ``min_parallel_bytes`` of them, else a pool of up to ``workers``."""
+    if workers <= 1 or tars <= 1 or todo_bytes < min_parallel_bytes:
         return 1
     return min(workers, tars)
 
 
 def hash_tars(tars: Sequence[str], cache_dir: Path, workers: int = 2,
               desc: str = "pHash", decode: str = "exact",
-              stats: dict | None = None) -> list[Path]:
+              stats: dict | None = None,
+              min_parallel_bytes: int = MIN_PARALLEL_BYTES) -> list[Path]:
     """pHash every image member of each tar (in parallel, cached by path+size+mtime+decode).
 
     Returns the cache Parquet files (columns tar, key, phash UBIGINT, error), one per tar.
-    ``stats`` (if given) gets the bytes of the tars hashed now and the processes that did it.
+    ``stats`` (if given) gets the bytes of the tars hashed now, the processes that did it
+    and the images. ``min_parallel_bytes``: below it, this process hashes alone
+    (`witforge plan` sets 0 to time the pool on a pilot's few tars).
     """
     cache_dir.mkdir(parents=True, exist_ok=True)
     tars = sorted(set(tars))
@@ -182,7 +186,7 @@ def hash_tars(tars: Sequence[str], cache_dir: Path, workers: int = 2,
         bar = progress(total=len(todo), desc=desc, unit="tar", leave=False)
         images = 0
         todo_bytes = sum(os.path.getsize(t) for t, _, _ in todo)
-        processes = pool_size(todo_bytes, len(todo), workers)
+        processes = pool_size(todo_bytes, len(todo), workers, min_parallel_bytes)
         if stats is not None:
             stats.update(bytes=todo_bytes, processes=processes)
         if processes == 1:
@@ -199,6 +203,8 @@ def hash_tars(tars: Sequence[str], cache_dir: Path, workers: int = 2,
                     bar.set_postfix(images=images)
                     bar.update(1)
         bar.close()
+        if stats is not None:
+            stats["images"] = images
     return files
 
 

@@ -27,7 +27,14 @@ from typing import Any
 from pipeline import plan_defaults as D
 from pipeline import plan_keep
 from pipeline.config import BuildConfig, ConfigError, load_build, parse_size
-from pipeline.plan_measure import Pilot, StageMeasure, calibrate, read_pilot
+from pipeline.plan_grow import fit_grown
+from pipeline.plan_measure import (
+    PER_KEY_SECONDS,
+    Pilot,
+    StageMeasure,
+    calibrate,
+    read_pilot,
+)
 from pipeline.plan_model import (
     Cluster,
     cost,
@@ -54,10 +61,19 @@ MOSTLY_FIXED = 0.25  # a pilot whose per-row part is below this share of its tim
 NOISE_S = 0.5  # ... and below this many seconds (a shared machine's timing noise)
 
 
-def _fit(total: float, rows: int, cal: dict[str, Any] | None, key: str) -> tuple[float, float]:
-    """(fixed, per row) from the pilot's (rows, total) and the calibration run's."""
+def _fit(total: float, rows: int, cal: dict[str, Any] | None, key: str,
+         per_key: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float]:
+    """(fixed, per row) from the pilot's (rows, total) and the calibration: its run on the
+    pilot's input repeated (a small pilot's per-row cost over a longer span), else its run
+    on a tiny sample (the fixed cost). ``per_key``: the pilot's and the repeated run's
+    seconds spent once per distinct key (``_per_key``)."""
     if not rows:
         return total, 0.0
+    grown = (cal or {}).get("grown")
+    if grown:
+        got = fit_grown(rows, total, grown, key, *per_key)
+        if got is not None:
+            return got
     c = cal.get(key) if cal else None
     if c is None or "rows" not in cal:
         return 0.0, total / rows
@@ -68,6 +84,26 @@ def _fit(total: float, rows: int, cal: dict[str, Any] | None, key: str) -> tuple
     per_row = max(0.0, (total - float(c)) / (rows - n))
     fixed = max(0.0, min(total, float(c) - per_row * n))
     return fixed, (total - fixed) / rows
+
+
+def _per_key(m: StageMeasure, cpu_total: float) -> dict[str, tuple[float, float]]:
+    """Per time key, the (pilot's, repeated calibration's) seconds that the stage spends
+    once per distinct key (PER_KEY_SECONDS); a CPU share without its own key is the
+    wall's share."""
+    wall_k, cpu_k = PER_KEY_SECONDS.get(m.name, (None, None))
+    grown = (m.calibration or {}).get("grown") or {}
+    out = {}
+    for key, k, total, g_total in (("seconds", wall_k, m.seconds, grown.get("seconds")),
+                                   ("cpu_seconds", cpu_k, cpu_total, grown.get("cpu_seconds"))):
+        if k:
+            out[key] = (float(m.report.get(k) or 0.0), float(grown.get(k) or 0.0))
+        elif wall_k and m.seconds and grown.get("seconds"):
+            out[key] = (total * float(m.report.get(wall_k) or 0.0) / m.seconds,
+                        float(g_total or 0.0) * float(grown.get(wall_k) or 0.0)
+                        / float(grown["seconds"]))
+        else:
+            out[key] = (0.0, 0.0)
+    return out
 
 
 def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
@@ -86,8 +122,15 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
                      "wall time x 1 core; rerun the stage for a measurement")
     cal = m.calibration
     timed = timed_rows(m, notes)  # rows the pilot's seconds were spent on
-    wf, wv = _fit(m.seconds, timed, cal, "seconds")
-    cf, cv = _fit(cpu_total, timed, cal, "cpu_seconds")
+    keyed = _per_key(m, cpu_total)
+    wf, wv = _fit(m.seconds, timed, cal, "seconds", keyed["seconds"])
+    cf, cv = _fit(cpu_total, timed, cal, "cpu_seconds", keyed["cpu_seconds"])
+    grown = (cal or {}).get("grown")
+    if grown:
+        own = wv - keyed["seconds"][0] / timed if timed else wv  # per-key seconds aside
+        notes.append(f"per-row cost measured on the pilot's input repeated {grown['copies']} "
+                     f"times ({grown['rows']:,} rows, each copy made distinct): "
+                     f"{own * 1e6:,.2f} us/row, {wf:.2f} s fixed")
     fixed = 0.0
     if m.name == "embed" and not (cal and "rows" in cal):  # bootstrap: its folds' training
         folds = (m.report.get("bootstrap") or {}).get("folds") or []
@@ -99,11 +142,11 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
             cv = (cpu_total - cf) / timed if timed else 0.0
             notes.append(f"bootstrap: its {len(folds)} fold models' training ({fixed:,.0f} s) "
                          "counted as fixed (a set number of steps)")
-    if cal and "skipped" in cal and not fixed and m.name != "robots":  # robots: per origin
+    if cal and "skipped" in cal and not fixed:
         notes.append(f"fixed cost not calibrated ({cal['skipped']}): linear in rows, an "
                      "overstatement for a small pilot")
     elif (m.seconds and wv * timed < MOSTLY_FIXED * m.seconds and wv * timed < NOISE_S
-          and not fixed):
+          and not fixed and not grown):
         # Start-up is most of the pilot's time and the per-row part is a difference of noisy
         # times below the noise (a calibration run in a cold process can even exceed the
         # pilot). Use the upper bound, every second of the pilot per row, and say so.
@@ -139,7 +182,8 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
         if m.name == "embed" and pilot.embed_device == "cuda":
             gpu_h = wall / 3600
         if m.name == "robots":
-            wall, cpu_s = robots(m, pilot, rows_in, faster, cpu_total, notes, (wall, cpu_s))
+            wall, cpu_s = robots(m, pilot, rows_in, faster, (wf, wv, cf, cv), notes,
+                                 (wall, cpu_s))
         if m.name == "ingest":
             wall, cpu_s = ftfy(m, pilot, rows_in, faster, (wf, wv, cf, cv), notes) or \
                 (wall, cpu_s)

@@ -32,6 +32,8 @@ from typing import Any
 import duckdb
 
 from pipeline.config import BuildConfig
+from pipeline.plan_grow import copies_for, grown_rows_query, grown_sources
+from pipeline.robots import CACHE as ROBOTS_CACHE
 from pipeline.stage import (
     StageError,
     enabled_stages,
@@ -46,13 +48,11 @@ HOSTS_SQL = Path(__file__).parent / "sql" / "plan_hosts.sql"
 # every row of one crawl tar (stages that read images: their cost follows the tars), one
 # refused URL (crawl); None: not calibrated, with the reason.
 CALIBRATION: dict[str, str] = {
-    "ingest": "sources", "text_filter": "rows", "url_dedup": "rows",
-    "precrawl_balance": "rows", "crawl": "crawl", "image_filter": "rows", "image_dedup": "tar",
+    "ingest": "sources", "text_filter": "rows", "url_dedup": "rows", "precrawl_balance": "rows",
+    "robots": "rows", "crawl": "crawl", "image_filter": "rows", "image_dedup": "tar",
     "decontaminate": "tar", "clip_filter": "rows", "balance": "rows", "shard": "tar",
 }
 NOT_CALIBRATED = {
-    "robots": "fetches every host's robots.txt: calibrating would touch the network; its "
-              "time is split per origin instead",
     "embed": "loads or trains a model: its fixed part is read from the bootstrap's fold "
              "training times instead",
     "semantic_dedup": "reads the embed stage's folder",
@@ -63,6 +63,13 @@ SAMPLE_ROWS = 1000
 # maxtasksperchild), image_dedup's pHash pool (only for 16 MiB of tars or more).
 WORKER_MODULES = {"crawl": "img2dataset.downloader", "image_dedup": "dedup.phash"}
 REFUSED_URL = "http://127.0.0.1:9/witforge-plan-calibration.jpg"  # discard port: refused
+# The report keys of a stage's (seconds, CPU seconds) spent once per distinct key, not per
+# row: ingest's ftfy repair per distinct caption, robots' fetches per origin (its CPU share
+# is the fetch's share of the wall). Kept apart when fitting the per-row cost.
+PER_KEY_SECONDS = {"ingest": ("ftfy_seconds", "ftfy_cpu_seconds"),
+                   "robots": ("robots_fetch_seconds", None)}
+# Bumped when a calibration's contents change: plan.json's older calibrations are redone.
+CALIBRATION_VERSION = 2  # 2: repeated inputs, robots, spawned worker starts
 
 
 @dataclass
@@ -134,7 +141,7 @@ def read_pilot(cfg: BuildConfig) -> Pilot:
             continue
         prev = previous_stage(cfg, spec)
         inp = stage_dir(cfg, prev) / "kept.parquet" if prev else None
-        work = folder.with_name(folder.name + ".work")
+        work = _work_dir(cfg, spec)
         stages.append(StageMeasure(
             name=spec.name, folder=spec.folder, rows_in=int(r["rows_in"]), kept=int(r["kept"]),
             seconds=float(r["seconds"]), cpu_seconds=r.get("cpu_seconds"),
@@ -216,7 +223,8 @@ def calibrate(pilot: Pilot, cache: dict[str, Any] | None = None,
     try:
         for m in pilot.stages:
             old = (cache or {}).get(m.name)
-            if old and old.get("fingerprint") == m.fingerprint and "seconds" in old:
+            if (old and old.get("fingerprint") == m.fingerprint and "seconds" in old
+                    and old.get("version") == CALIBRATION_VERSION):
                 m.calibration = old
                 continue
             how = CALIBRATION.get(m.name)
@@ -228,7 +236,7 @@ def calibrate(pilot: Pilot, cache: dict[str, Any] | None = None,
                 m.calibration = _run_sample(cfg, m, how, scratch / m.name)
             except (StageError, duckdb.Error, OSError, ValueError) as e:
                 m.calibration = {"skipped": f"calibration failed: {e}".splitlines()[0][:300]}
-            m.calibration["fingerprint"] = m.fingerprint
+            m.calibration.update(fingerprint=m.fingerprint, version=CALIBRATION_VERSION)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -241,12 +249,57 @@ def _scratch_cfg(cfg: BuildConfig, root: Path) -> BuildConfig:
 
 
 def _run_sample(cfg: BuildConfig, m: StageMeasure, how: str, root: Path) -> dict[str, Any]:
+    con = duckdb.connect()
+    n = max(1, min(SAMPLE_ROWS, m.rows_in // 20))
+    out = {"how": how, **_timed_run(cfg, m, how, root / "sample", con, rows=n)}
+    copies = copies_for(m.rows_in) if how in ("rows", "sources") else 0
+    if copies:  # a small pilot: its per-row cost measured on its input repeated (plan_grow)
+        out["grown"] = {"copies": copies,
+                        **_timed_run(cfg, m, how, root / "grown", con, copies=copies)}
+    if m.name in WORKER_MODULES:
+        out.update(worker_start(WORKER_MODULES[m.name]))
+    if m.name == "image_dedup" and cfg.image_dedup.phash and cfg.image_dedup.workers > 1:
+        out["phash_pool"] = phash_pool_run(cfg, m, root / "phash_pool", con)
+    return out
+
+
+def phash_pool_run(cfg: BuildConfig, m: StageMeasure, root: Path,
+                   con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """pHash the pilot's tars once more on image_dedup's spawned pool, which a pilot's few
+    MiB of tars never start but a big build does: its processes, images, wall seconds and
+    CPU seconds (the pool's processes, started, hashing, terminated)."""
+    from dedup.phash import hash_tars
+
+    spec = _spec(cfg, m.name)
+    prev = previous_stage(cfg, spec)
+    if prev is None:
+        raise StageError("no upstream stage")
+    kept = stage_dir(cfg, prev) / "kept.parquet"
+    tars = [str(cfg.run_dir / t) for (t,) in con.execute(
+        f"SELECT DISTINCT tar FROM read_parquet('{kept}') WHERE tar IS NOT NULL").fetchall()]
+    stats: dict[str, Any] = {}
+    before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+    with contextlib.redirect_stderr(io.StringIO()):
+        hash_tars(tars, root, cfg.image_dedup.workers, decode=cfg.image_dedup.phash_decode,
+                  stats=stats, min_parallel_bytes=0)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"processes": stats.get("processes", 0), "tars": len(tars),
+            "images": stats.get("images", 0), "seconds": round(time.monotonic() - t, 3),
+            "cpu_seconds": round((after.ru_utime + after.ru_stime)
+                                 - (before.ru_utime + before.ru_stime), 3)}
+
+
+def _timed_run(cfg: BuildConfig, m: StageMeasure, how: str, root: Path,
+               con: duckdb.DuckDBPyConnection, rows: int = 0, copies: int = 0) -> dict[str, Any]:
+    """Run stage ``m`` in a scratch build under ``root`` on ``rows`` rows of its pilot input
+    or on ``copies`` copies of all of it; its rows, seconds and CPU seconds."""
+    from pipeline.ingest_sources import source_files
+
     scfg = _scratch_cfg(cfg, root)
     spec = _spec(cfg, m.name)
-    n = max(1, min(SAMPLE_ROWS, m.rows_in // 20))
-    con = duckdb.connect()
     if how == "sources":
-        scfg.sources = _short_sources(cfg, root / "sources", n, con)
+        scfg.sources = (grown_sources(source_files(cfg), root / "sources", copies, con)
+                        if copies else _short_sources(cfg, root / "sources", rows, con))
     else:
         prev = previous_stage(cfg, spec)
         if prev is None:
@@ -254,8 +307,10 @@ def _run_sample(cfg: BuildConfig, m: StageMeasure, how: str, root: Path) -> dict
         src, dst = stage_dir(cfg, prev), stage_dir(scfg, prev)
         dst.mkdir(parents=True)
         kept = f"read_parquet('{src / 'kept.parquet'}')"
-        if how == "rows":
-            query = f"SELECT * FROM {kept} ORDER BY uid LIMIT {n}"
+        if copies:
+            query = grown_rows_query(kept, m.name, copies)
+        elif how == "rows":
+            query = f"SELECT * FROM {kept} ORDER BY uid LIMIT {rows}"
         elif how == "crawl":
             query = (f"SELECT * REPLACE ('plan-calibration' AS uid, '{REFUSED_URL}' AS url) "
                      f"FROM {kept} LIMIT 1")
@@ -269,25 +324,50 @@ def _run_sample(cfg: BuildConfig, m: StageMeasure, how: str, root: Path) -> dict
         con.execute(f"COPY ({query}) TO '{dst / 'kept.parquet'}' (FORMAT parquet)")
         shutil.copyfile(src / "report.json", dst / "report.json")
         (dst / "_SUCCESS").write_text("")
+    if m.name == "robots":  # the pilot's answers: the sample's origins are all asked already
+        cache = _work_dir(cfg, spec) / ROBOTS_CACHE
+        if not cache.is_file():
+            raise StageError(f"no robots.txt answers cached in {cache}: calibrating would "
+                             "fetch them")
+        _work_dir(scfg, spec).mkdir(parents=True)
+        shutil.copyfile(cache, _work_dir(scfg, spec) / ROBOTS_CACHE)
     with contextlib.redirect_stderr(io.StringIO()):  # the sample run's progress bars
         r = run_stage(scfg, m.name, force=True, log=lambda s: None)
-    out = {"how": how, "rows": int(r["rows_in"]), "seconds": float(r["seconds"]),
+    out = {"rows": int(r["rows_in"]), "kept": int(r["kept"]), "seconds": float(r["seconds"]),
            "cpu_seconds": r.get("cpu_seconds")}
-    if m.name in WORKER_MODULES:
-        out.update(worker_start(WORKER_MODULES[m.name]))
+    keep = [*PER_KEY_SECONDS.get(m.name, ()), "robots_fetched"]  # robots: asked nothing
+    out.update({k: r[k] for k in keep if k and k in r})
     return out
 
 
+def _work_dir(cfg: BuildConfig, spec: Any) -> Path:
+    folder = stage_dir(cfg, spec)
+    return folder.with_name(folder.name + ".work")
+
+
+# One spawned pool process importing a module, ended the way a pool ends (terminate: no
+# interpreter teardown), in a fresh interpreter whose own start is not counted.
+_SPAWN_ONE = """
+import json, resource, sys, time
+from multiprocessing import get_context
+t = time.monotonic()
+with get_context("spawn").Pool(1) as pool:
+    pool.apply(exec, ("import " + sys.argv[1],))
+    pool.terminate()
+    pool.join()
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps([time.monotonic() - t, r.ru_utime + r.ru_stime]))
+"""
+
+
 def worker_start(module: str) -> dict[str, float]:
-    """What starting one worker process of a stage's pool costs here: a fresh interpreter
-    that imports the module its tasks live in, as each spawned pool process does."""
-    before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
-    subprocess.run([sys.executable, "-c", f"import {module}"], check=True,
-                   capture_output=True, cwd=Path(__file__).resolve().parents[1])
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    return {"worker_start_seconds": round(time.monotonic() - t, 3),
-            "worker_start_cpu_seconds": round(cpu, 3)}
+    """What starting one worker process of a stage's pool costs here: a spawned process
+    (img2dataset's pool and image_dedup's are spawn pools) that imports the module its
+    tasks live in and is then terminated, as a pool's processes are."""
+    got = subprocess.run([sys.executable, "-c", _SPAWN_ONE, module], check=True,
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    wall, cpu = json.loads(got.stdout.strip().splitlines()[-1])
+    return {"worker_start_seconds": round(wall, 3), "worker_start_cpu_seconds": round(cpu, 3)}
 
 
 def _short_sources(cfg: BuildConfig, out: Path, n: int, con: duckdb.DuckDBPyConnection) -> list:

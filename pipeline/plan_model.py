@@ -142,20 +142,22 @@ def per_key(m: StageMeasure, rows_in: float, fit: tuple[float, ...],
     return wall, cf + max(0.0, cv - cpu_s / n) * rows_in + cpu_s / keys * at, at
 
 
-def robots(m: StageMeasure, pilot: Pilot, rows_in: float, faster: float, cpu: float,
-           notes: list[str], linear: tuple[float, float]) -> tuple[float, float]:
+def robots(m: StageMeasure, pilot: Pilot, rows_in: float, faster: float,
+           fit: tuple[float, ...], notes: list[str],
+           linear: tuple[float, float]) -> tuple[float, float]:
     """robots.txt is fetched once per origin: that part of the stage's time follows the
-    origins (origins ~ rows^e, fit on random halves of the pilot's input), the rest the rows."""
+    origins (origins ~ rows^e, fit on random halves of the pilot's input), the rest of its
+    fit (fixed, per row) the rows."""
     fetch, fetched = m.report.get("robots_fetch_seconds"), m.report.get("robots_fetched")
     i = pilot.stages.index(m)
     prev = pilot.cfg.run_dir / pilot.stages[i - 1].folder / "kept.parquet" if i else None
     g = plan_keep.origin_growth(prev) if fetch and fetched and prev else None
     if g is None or not m.seconds:
         return linear
+    cpu = (m.cpu_seconds if m.cpu_seconds is not None else m.seconds)
     share = min(1.0, fetch / m.seconds)
-    n = max(m.rows_in, 1)
-    wall, cpu_s, origins = per_key(m, rows_in, (0.0, m.seconds / n, 0.0, cpu / n),
-                                   (fetch, cpu * share, fetched), g["exponent"], faster)
+    wall, cpu_s, origins = per_key(m, rows_in, fit, (fetch, cpu * share, fetched),
+                                   g["exponent"], faster)
     notes.append(f"robots.txt once per origin: {g['keys']:,} in the pilot, ~{origins:,.0f} at "
                  f"this size (origins ~ rows^{g['exponent']:.2f}, fit on random halves of the "
                  f"pilot's input), {fetch / fetched:.3g} s each as in the pilot")
@@ -186,8 +188,10 @@ def phash_pool(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, faste
                fit: tuple[float, ...], notes: list[str]) -> tuple[float, float] | None:
     """image_dedup hashes a pilot's few tars in its own process, but 16 MiB of tars or more
     in a pool of image_dedup.workers spawned processes: when the target crosses that line,
-    its pHash part (the pilot's phash_seconds, per image) runs on the pool, which costs
-    each process's start-up (measured by the calibration); the rest follows the rows."""
+    its pHash part (the pilot's phash_seconds, per row) runs on the pool. Each process costs
+    what the calibration's run of the pool on the pilot's tars took beyond those seconds
+    (its start, its first image), and the pool's wall is its busiest process's tars; without
+    that run, each process costs its measured start alone. The rest follows the rows."""
     from dedup.phash import pool_size
 
     r, cal = m.report, m.calibration or {}
@@ -196,21 +200,30 @@ def phash_pool(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, faste
         return None
     scale = rows_in / m.rows_in
     workers = pilot.cfg.image_dedup.workers
-    procs = pool_size(int(r.get("phash_bytes", 0) * scale),
-                      math.ceil(r.get("tars", 1) * scale), workers)
+    tars_p = max(1, int(r.get("tars", 1)))
+    tars_t = math.ceil(tars_p * scale)
+    procs = pool_size(int(r.get("phash_bytes", 0) * scale), tars_t, workers)
     if procs == 1:
         return None
     wf, wv, cf, cv = fit
     n = m.rows_in
     share = min(secs / n, wv)  # pHash seconds per row, one process
-    wall = (wf + (wv - share) * rows_in / faster + share * rows_in / min(procs, cl.cores)
-            + cal.get("worker_start_seconds", 0.0))
-    cpu = cf + max(0.0, cv - share) * rows_in + share * rows_in + procs * start_cpu
+    slots = min(procs, cl.cores)
+    per_proc, pool_fixed = start_cpu, cal.get("worker_start_seconds", 0.0)
+    busiest = rows_in / slots
+    pool = cal.get("phash_pool") or {}
+    if pool.get("processes", 0) > 1:
+        per_proc = max(start_cpu, (pool["cpu_seconds"] - share * n) / pool["processes"])
+        pool_fixed = max(0.0, pool["seconds"] - share * makespan(n, math.ceil(n / tars_p),
+                                                                 pool["processes"]))
+        busiest = makespan(rows_in, math.ceil(rows_in / tars_t), slots)
+    wall = wf + (wv - share) * rows_in / faster + pool_fixed + share * busiest
+    cpu = cf + max(0.0, cv - share) * rows_in + share * rows_in + procs * per_proc
     notes.append(f"pHash on a pool of {procs} processes at this size (the pilot's "
                  f"{r.get('phash_bytes', 0) / 2**20:.1f} MiB of tars took one; the pool starts "
-                 "at 16 MiB), each starting in "
-                 f"{start_cpu:.2f} CPU-s as measured here; raise image_dedup.workers on a "
-                 "bigger node")
+                 f"at 16 MiB), {per_proc:.2f} CPU-s per process (its start: {start_cpu:.2f}) "
+                 "and its busiest process's tars, as measured here; raise image_dedup.workers "
+                 "on a bigger node")
     return wall, cpu
 
 
