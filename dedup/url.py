@@ -83,7 +83,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         con.execute(script)
         candidates = int(con.execute("SELECT coalesce(sum(n), 0) FROM url_repeated"
                                      ).fetchall()[0][0])
-        n_parts = candidate_parts(ctx, con, candidates)
+        # `witforge plan`'s calibration sets compare_parts to time the split on a pilot
+        n_parts = int(ctx.options.get("compare_parts") or candidate_parts(ctx, con, candidates))
         steps.update()
         select = (SQL_DIR / "url_candidates.sql").read_text().format(
             input=_str(str(ctx.input_path)), parts=n_parts)

@@ -47,6 +47,7 @@ from pipeline.plan_model import (
     speedup,
     timed_rows,
     train_row,
+    url_split,
 )
 from pipeline.plan_report import format_table
 from pipeline.stage import StageError
@@ -187,6 +188,9 @@ def _stage_row(m: StageMeasure, rows_in: float, pilot: Pilot, cl: Cluster,
         if m.name == "ingest":
             wall, cpu_s = ftfy(m, pilot, rows_in, faster, (wf, wv, cf, cv), notes) or \
                 (wall, cpu_s)
+        if m.name == "url_dedup":
+            extra = url_split(m, pilot, rows_in, faster, notes)
+            wall, cpu_s = wall + extra[0], cpu_s + extra[1]
         if m.name == "image_dedup":
             wall, cpu_s = phash_pool(m, pilot, rows_in, cl, faster, (wf, wv, cf, cv), notes) or \
                 (wall, cpu_s)
@@ -341,7 +345,8 @@ def _parser() -> argparse.ArgumentParser:
                    "the pilot is a random sample of the target's rows, so more duplicates "
                    "meet at scale (dedup stages keep less)")
     p.add_argument("--no-calibrate", action="store_true", help="do not rerun stages on a tiny "
-                   "sample to split start-up from per-row cost (linear in rows)")
+                   "sample (and a small pilot's on its input repeated to ~100k rows) to split "
+                   "start-up from per-row cost (linear in rows)")
     p.add_argument("--json", help="write the projection here (default runs/<build>/plan.json)")
     return p
 

@@ -58,6 +58,7 @@ NOT_CALIBRATED = {
     "semantic_dedup": "reads the embed stage's folder",
 }
 SAMPLE_ROWS = 1000
+SPLIT_PARTS = 4  # url_dedup's candidates compared in this many hash parts, to time the split
 # Stages that start a pool of spawned processes, and the module each process imports:
 # img2dataset's download processes (at the first shard and again every 5 shards, its
 # maxtasksperchild), image_dedup's pHash pool (only for 16 MiB of tars or more).
@@ -69,7 +70,7 @@ REFUSED_URL = "http://127.0.0.1:9/witforge-plan-calibration.jpg"  # discard port
 PER_KEY_SECONDS = {"ingest": ("ftfy_seconds", "ftfy_cpu_seconds"),
                    "robots": ("robots_fetch_seconds", None)}
 # Bumped when a calibration's contents change: plan.json's older calibrations are redone.
-CALIBRATION_VERSION = 2  # 2: repeated inputs, robots, spawned worker starts
+CALIBRATION_VERSION = 3  # 2: repeated inputs, robots, worker starts; 3: url split
 
 
 @dataclass
@@ -256,6 +257,13 @@ def _run_sample(cfg: BuildConfig, m: StageMeasure, how: str, root: Path) -> dict
     if copies:  # a small pilot: its per-row cost measured on its input repeated (plan_grow)
         out["grown"] = {"copies": copies,
                         **_timed_run(cfg, m, how, root / "grown", con, copies=copies)}
+    if m.name == "url_dedup" and m.report.get("candidates"):
+        # the split a big build's candidates need and a pilot's never do: timed both ways
+        # on the same input (the repeated one, if any: more candidates)
+        size = {"copies": copies} if copies else {"rows": m.rows_in}
+        out["split"] = {f"parts_{n}": _timed_run(cfg, m, how, root / f"parts_{n}", con,
+                                                 options={"compare_parts": n}, **size)
+                        for n in (1, SPLIT_PARTS)}
     if m.name in WORKER_MODULES:
         out.update(worker_start(WORKER_MODULES[m.name]))
     if m.name == "image_dedup" and cfg.image_dedup.phash and cfg.image_dedup.workers > 1:
@@ -290,7 +298,8 @@ def phash_pool_run(cfg: BuildConfig, m: StageMeasure, root: Path,
 
 
 def _timed_run(cfg: BuildConfig, m: StageMeasure, how: str, root: Path,
-               con: duckdb.DuckDBPyConnection, rows: int = 0, copies: int = 0) -> dict[str, Any]:
+               con: duckdb.DuckDBPyConnection, rows: int = 0, copies: int = 0,
+               options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run stage ``m`` in a scratch build under ``root`` on ``rows`` rows of its pilot input
     or on ``copies`` copies of all of it; its rows, seconds and CPU seconds."""
     from pipeline.ingest_sources import source_files
@@ -332,10 +341,11 @@ def _timed_run(cfg: BuildConfig, m: StageMeasure, how: str, root: Path,
         _work_dir(scfg, spec).mkdir(parents=True)
         shutil.copyfile(cache, _work_dir(scfg, spec) / ROBOTS_CACHE)
     with contextlib.redirect_stderr(io.StringIO()):  # the sample run's progress bars
-        r = run_stage(scfg, m.name, force=True, log=lambda s: None)
+        r = run_stage(scfg, m.name, force=True, options=options, log=lambda s: None)
     out = {"rows": int(r["rows_in"]), "kept": int(r["kept"]), "seconds": float(r["seconds"]),
            "cpu_seconds": r.get("cpu_seconds")}
-    keep = [*PER_KEY_SECONDS.get(m.name, ()), "robots_fetched"]  # robots: asked nothing
+    keep = [*PER_KEY_SECONDS.get(m.name, ()), "robots_fetched",  # robots: asked nothing
+            "candidates", "compare_parts"]
     out.update({k: r[k] for k in keep if k and k in r})
     return out
 

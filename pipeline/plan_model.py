@@ -227,6 +227,40 @@ def phash_pool(m: StageMeasure, pilot: Pilot, rows_in: float, cl: Cluster, faste
     return wall, cpu
 
 
+def url_split(m: StageMeasure, pilot: Pilot, rows_in: float, faster: float,
+              notes: list[str]) -> tuple[float, float]:
+    """(wall, cpu) that url_dedup adds where the target's candidates (rows whose hash
+    repeats) outgrow half the memory limit and are written out in hash parts, a step a
+    pilot's few candidates never take: per candidate, what the calibration's run of the
+    pilot input split in parts took beyond the same run in one part."""
+    from pipeline import parts
+    from pipeline.config import parse_size
+
+    split, cands = (m.calibration or {}).get("split"), m.report.get("candidates")
+    if not split or not cands or m.report.get("compare_parts", 1) > 1 or not m.rows_in:
+        return 0.0, 0.0
+    try:
+        memory = parse_size(pilot.cfg.duckdb.memory_limit)
+    except ValueError:
+        return 0.0, 0.0
+    prev = pilot.stages[pilot.stages.index(m) - 1]
+    per_row = 2 * parts.bytes_per_row(pilot.cfg.run_dir / prev.folder / "kept.parquet",
+                                      ["uid", "url", "caption"])
+    at = cands / m.rows_in * rows_in
+    n = parts.part_count(int(at), per_row, memory)
+    one = split["parts_1"]
+    many = next(v for k, v in split.items() if k != "parts_1")
+    timed = many.get("candidates") or 0
+    if n == 1 or not timed:
+        return 0.0, 0.0
+    wall = max(0.0, many["seconds"] - one["seconds"]) / timed * at / faster
+    cpu = max(0.0, (many["cpu_seconds"] or 0.0) - (one["cpu_seconds"] or 0.0)) / timed * at
+    notes.append(f"~{at:,.0f} candidates at this size: compared in {n} hash parts, written out "
+                 f"first (the pilot's {cands:,} took one); {cpu / at * 1e6:.2f} CPU-us per "
+                 f"candidate for that, as its calibration measured on {timed:,} of them")
+    return wall, cpu
+
+
 def crawl_floors(m: StageMeasure, pilot: Pilot, cl: Cluster, rows_in: float, keep: float,
                   floors: dict[str, float], notes: list[str],
                   used: dict[str, D.Default]) -> None:

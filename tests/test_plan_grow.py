@@ -106,3 +106,33 @@ def test_fit_grown_keeps_per_key_seconds_out_of_the_span():
     assert fixed == pytest.approx(0.25 - slope * 1000)
     assert fit_grown(1000, 0.3, {"rows": 500, "seconds": 0.1}, "seconds") is None
     assert copies_for(GROWN_ROWS) == 0 and copies_for(1000) == GROWN_ROWS // 1000
+
+
+def test_url_dedups_split_is_timed_and_priced_where_the_target_needs_it(pilot):
+    """A pilot's few candidates are compared in one part; the calibration times the same
+    input compared in 4 hash parts (written out first), which must give the same answer, and
+    the plan adds that cost per candidate only where the target's candidates need parts."""
+    cfg, reports, stages = pilot
+    split = stages["url_dedup"].calibration["split"]
+    one, four = split["parts_1"], split["parts_4"]
+    assert (one["compare_parts"], four["compare_parts"]) == (1, 4)
+    assert one["kept"] == four["kept"] and one["candidates"] == four["candidates"] > 0
+    p = read_pilot(cfg)
+    p_stages = {m.name: m for m in p.stages}
+    for m in p.stages:
+        m.calibration = stages[m.name].calibration
+    from pipeline.plan import project
+    from pipeline.plan_model import Cluster
+
+    cl = Cluster(1, 2, 0, None, None)
+    small, big = (next(r for r in project(p, n, cl)["stages"] if r["stage"] == "url_dedup")
+                  for n in (10 * reports["ingest"]["rows_in"], 10**9))
+    assert not any("hash parts" in n for n in small["notes"])
+    assert any("hash parts, written out first" in n for n in big["notes"])
+    p_stages["url_dedup"].calibration = {**stages["url_dedup"].calibration, "split": None}
+    plain = next(r for r in project(p, 10**9, cl)["stages"] if r["stage"] == "url_dedup")
+    rows_in = big["rows_in"]
+    per_cand = max(0.0, four["cpu_seconds"] - one["cpu_seconds"]) / four["candidates"]
+    at = reports["url_dedup"]["candidates"] / reports["url_dedup"]["rows_in"] * rows_in
+    assert big["cpu_seconds"] - plain["cpu_seconds"] == pytest.approx(per_cand * at, rel=1e-3,
+                                                                      abs=1e-3)
