@@ -1,4 +1,6 @@
-"""A second calibration point for a small pilot: its own input repeated to ~GROWN_ROWS rows.
+"""The inputs of `witforge plan`'s calibration runs: a tiny sample of ingest's sources
+(``short_sources``; the row stages' samples are a query in pipeline/plan_measure.py), and
+for a small pilot a second point, its own input repeated to ~GROWN_ROWS rows.
 
 A 1k-row pilot spends a few hundredths of a second per stage on its rows and a few tenths
 on start-up: the per-row part is a difference of two noisy times, below the noise of a
@@ -51,6 +53,37 @@ def grown_rows_query(kept: str, stage: str, copies: int) -> str:
     if stage == "url_dedup":
         repl += f", {_host_prefix_sql('url', 'k')} AS url"
     return f"SELECT p.* REPLACE ({repl}) FROM {kept} p, range({copies}) t(k)"
+
+
+def short_sources(files: list[tuple[Any, Any, Path]], out: Path, n: int,
+                  con: duckdb.DuckDBPyConnection) -> list[Any]:
+    """The calibration's tiny sample of ingest's sources: each source file's first rows, in
+    its own format (gzip dropped: the name says so)."""
+    from pipeline.ingest_sources import detect_format
+
+    out.mkdir(parents=True)
+    per_file = max(1, n // len(files))
+    sources = []
+    for k, (_, src, path) in enumerate(files):
+        fmt = detect_format(path, src.format)
+        name = path.name.removesuffix(".gz").removesuffix(".GZ")
+        dst = out / f"{k:03d}_{name}"
+        if fmt == "parquet":
+            con.execute(f"COPY (SELECT * FROM read_parquet('{path}') LIMIT {per_file}) "
+                        f"TO '{dst}' (FORMAT parquet)")
+        elif fmt in ("csv", "tsv", "jsonl"):
+            opener: Any = gzip.open if path.name.lower().endswith(".gz") else open
+            keep = per_file + (1 if fmt in ("csv", "tsv") and src.header else 0)
+            with opener(path, "rb") as f, open(dst, "wb") as h:
+                for i, line in enumerate(f):
+                    if i >= keep:
+                        break
+                    h.write(line)
+        else:
+            raise StageError(f"{path}: a {fmt} source cannot be cut short line by line")
+        sources.append(dataclasses.replace(src, path=str(dst), format=fmt,
+                                           tag=src.tag or path.name.split(".")[0]))
+    return sources
 
 
 def grown_sources(files: list[tuple[Any, Any, Path]], out: Path, copies: int,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import io
 import json
 import os
@@ -32,7 +31,7 @@ from typing import Any
 import duckdb
 
 from pipeline.config import BuildConfig
-from pipeline.plan_grow import copies_for, grown_rows_query, grown_sources
+from pipeline.plan_grow import copies_for, grown_rows_query, grown_sources, short_sources
 from pipeline.robots import CACHE as ROBOTS_CACHE
 from pipeline.stage import (
     StageError,
@@ -308,7 +307,8 @@ def _timed_run(cfg: BuildConfig, m: StageMeasure, how: str, root: Path,
     spec = _spec(cfg, m.name)
     if how == "sources":
         scfg.sources = (grown_sources(source_files(cfg), root / "sources", copies, con)
-                        if copies else _short_sources(cfg, root / "sources", rows, con))
+                        if copies else short_sources(source_files(cfg), root / "sources", rows,
+                                                     con))
     else:
         prev = previous_stage(cfg, spec)
         if prev is None:
@@ -378,39 +378,3 @@ def worker_start(module: str) -> dict[str, float]:
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     wall, cpu = json.loads(got.stdout.strip().splitlines()[-1])
     return {"worker_start_seconds": round(wall, 3), "worker_start_cpu_seconds": round(cpu, 3)}
-
-
-def _short_sources(cfg: BuildConfig, out: Path, n: int, con: duckdb.DuckDBPyConnection) -> list:
-    """Each source file's first rows, in its own format (gzip dropped: the name says so)."""
-    from pipeline.ingest_sources import detect_format, source_files
-
-    out.mkdir(parents=True)
-    files = source_files(cfg)
-    per_file = max(1, n // len(files))
-    sources = []
-    for k, (_, src, path) in enumerate(files):
-        fmt = detect_format(path, src.format)
-        name = path.name.removesuffix(".gz").removesuffix(".GZ")
-        dst = out / f"{k:03d}_{name}"
-        if fmt == "parquet":
-            con.execute(f"COPY (SELECT * FROM read_parquet('{path}') LIMIT {per_file}) "
-                        f"TO '{dst}' (FORMAT parquet)")
-        elif fmt in ("csv", "tsv", "jsonl"):
-            opener = _gzip_open if path.name.lower().endswith(".gz") else open
-            keep = per_file + (1 if fmt in ("csv", "tsv") and src.header else 0)
-            with opener(path, "rb") as f, open(dst, "wb") as g:
-                for i, line in enumerate(f):
-                    if i >= keep:
-                        break
-                    g.write(line)
-        else:
-            raise StageError(f"{path}: a {fmt} source cannot be cut short line by line")
-        sources.append(dataclasses.replace(src, path=str(dst), format=fmt,
-                                           tag=src.tag or path.name.split(".")[0]))
-    return sources
-
-
-def _gzip_open(path: Path, mode: str) -> Any:
-    import gzip
-
-    return gzip.open(path, mode)
